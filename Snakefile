@@ -1,0 +1,21 @@
+# cytopretrain: curate a weakly labelled microscopy collection the CytoImageNet way.
+# Table of contents; each stage lives in workflow/rules/<stage>.smk.
+
+
+configfile: "config/config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/synthetic.smk"
+include: "workflow/rules/download.smk"
+include: "workflow/rules/metadata.smk"
+include: "workflow/rules/standardize.smk"
+include: "workflow/rules/labels.smk"
+include: "workflow/rules/crops.smk"
+include: "workflow/rules/shards.smk"
+
+
+rule all:
+    input:
+        get_final_outputs(),
+    default_target: True

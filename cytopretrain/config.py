@@ -1,0 +1,86 @@
+"""Config validation: the JSON schema in workflow/schemas plus the checks a schema cannot say.
+
+Every error names the offending key as a dotted path (``sources.rxrx1.adapter``).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import jsonschema
+import yaml
+
+SCHEMA_PATH = Path(__file__).resolve().parents[1] / "workflow" / "schemas" / "config.schema.yaml"
+
+
+class ConfigError(ValueError):
+    """The config is invalid; the message starts with the offending key."""
+
+
+def _with_defaults(validator_class):
+    """A validator class that fills in ``default`` values while it validates."""
+    validate_properties = validator_class.VALIDATORS["properties"]
+
+    def set_defaults(validator, properties, instance, schema):
+        if isinstance(instance, dict):
+            for name, subschema in properties.items():
+                if "default" in subschema and name not in instance:
+                    instance[name] = copy.deepcopy(subschema["default"])
+        yield from validate_properties(validator, properties, instance, schema)
+
+    return jsonschema.validators.extend(validator_class, {"properties": set_defaults})
+
+
+def _key(path) -> str:
+    return ".".join(str(p) for p in path) or "<config>"
+
+
+def _describe(error: jsonschema.ValidationError) -> str:
+    if error.validator == "oneOf" and error.path and error.path[0] == "sources":
+        return (
+            f"config key 'sources.{_key(list(error.path)[1:])}': give exactly one of "
+            "resource, url, urls, synthetic, path"
+        )
+    if error.validator == "additionalProperties":
+        return f"config key '{_key(error.path)}': {error.message} (unknown key)"
+    return f"config key '{_key(error.path)}': {error.message}"
+
+
+def validate_config(config: dict, schema_path: str | Path = SCHEMA_PATH) -> dict:
+    """Validate ``config`` in place (filling defaults) and return it; raise ConfigError."""
+    schema = yaml.safe_load(Path(schema_path).read_text())
+    validator = _with_defaults(jsonschema.Draft202012Validator)(schema)
+    errors = sorted(validator.iter_errors(config), key=lambda e: (len(e.path), list(map(str, e.path))))
+    if errors:
+        raise ConfigError(_describe(errors[0]))
+    _check_semantics(config)
+    return config
+
+
+def _check_semantics(config: dict) -> None:
+    for section in ("standardize", "quality_control"):
+        low, high = config[section]["low_percentile"], config[section]["high_percentile"]
+        if low >= high:
+            raise ConfigError(
+                f"config key '{section}.low_percentile': {low} must be below high_percentile {high}"
+            )
+    labels = config["labels"]
+    if not labels["min_count"] <= labels["take_all_max"] <= labels["prelim_max"]:
+        raise ConfigError(
+            "config key 'labels': need min_count <= take_all_max <= prelim_max, got "
+            f"{labels['min_count']}, {labels['take_all_max']}, {labels['prelim_max']}"
+        )
+    thresholds = [rule[0] for rule in config["crops"]["rules"]]
+    if thresholds != sorted(thresholds, reverse=True) or thresholds[-1] != 0:
+        raise ConfigError(
+            "config key 'crops.rules': thresholds must decrease and end with 0 so every class "
+            f"size matches a rule, got {thresholds}"
+        )
+    for name, spec in config["sources"].items():
+        if "adapter" not in spec and "resource" not in spec:
+            raise ConfigError(
+                f"config key 'sources.{name}.adapter': required unless a resource YAML names it"
+            )
+    if not any(spec["role"] == "pretrain" for spec in config["sources"].values()):
+        raise ConfigError("config key 'sources': at least one source needs role 'pretrain'")

@@ -1,0 +1,31 @@
+"""Shared set-up for rule scripts: make the project's package importable and log to the rule's log."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+
+def setup_logging(snakemake) -> logging.Logger:
+    """Send the package's log records (and uncaught errors) to the rule's log file."""
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if snakemake.log:
+        handlers.append(logging.FileHandler(snakemake.log[0], mode="w"))
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        handlers=handlers,
+        force=True,
+    )
+    logger = logging.getLogger(f"cytopretrain.rule.{snakemake.rule}")
+
+    def log_uncaught(exc_type, exc, tb):
+        logger.error("rule %s failed", snakemake.rule, exc_info=(exc_type, exc, tb))
+
+    sys.excepthook = log_uncaught
+    return logger

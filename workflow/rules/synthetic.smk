@@ -1,0 +1,20 @@
+SYNTHETIC_LAYOUTS = ["bbbc021", "rxrx1", "hpa", "cyclops", "coos7", "synthetic"]
+
+
+rule generate_synthetic:
+    output:
+        archives=expand("results/synthetic/archives/{layout}.zip", layout=SYNTHETIC_LAYOUTS),
+        ground_truth="results/synthetic/ground_truth.csv",
+    log:
+        "logs/generate_synthetic/generate_synthetic.log",
+    benchmark:
+        "benchmarks/generate_synthetic/generate_synthetic.tsv"
+    conda:
+        "../../envs/curation.yaml"
+    params:
+        seed=config["synthetic"]["seed"],
+        scale=config["synthetic"]["scale"],
+        image_size=config["synthetic"]["image_size"],
+        layouts=SYNTHETIC_LAYOUTS,
+    script:
+        "../../scripts/generate_synthetic.py"
