@@ -118,9 +118,11 @@ def conform(frame: pd.DataFrame, origin: str) -> pd.DataFrame:
             f"{origin}: channel_paths must be a non-empty list per row; "
             f"first bad idx {out.loc[bad, 'idx'].iloc[0]!r}"
         )
-    n_names = out["channels"].map(lambda s: len(s.split("|")) if s else 0)
+    # One path may hold several named channels (a multi-page TIFF, an H×W×C array); several
+    # paths must pair one-to-one with the names.
+    n_names = out["channels"].str.count(r"\|") + (out["channels"] != "")
     n_paths = paths.map(len)
-    mismatch = (n_names != n_paths) & (n_names > 0)
+    mismatch = (n_names != n_paths) & (n_names > 0) & (n_paths > 1)
     if mismatch.any():
         first = out.loc[mismatch, "idx"].iloc[0]
         raise SchemaError(
