@@ -42,8 +42,14 @@ def _describe(error: jsonschema.ValidationError) -> str:
             f"config key 'sources.{_key(list(error.path)[1:])}': give exactly one of "
             "resource, url, urls, synthetic, path"
         )
-    if error.validator == "additionalProperties":
-        return f"config key '{_key(error.path)}': {error.message} (unknown key)"
+    if error.validator == "additionalProperties" and isinstance(error.instance, dict):
+        allowed = set(error.schema.get("properties", {}))
+        unknown = sorted(set(error.instance) - allowed)
+        if unknown:
+            return (
+                f"config key '{_key([*error.path, unknown[0]])}': unknown key "
+                f"(allowed here: {', '.join(sorted(allowed))})"
+            )
     return f"config key '{_key(error.path)}': {error.message}"
 
 

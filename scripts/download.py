@@ -14,5 +14,5 @@ if "synthetic" in spec:
     spec = {**spec, "url": Path(snakemake.input[0]).resolve().as_uri(), "archive": "zip"}
     spec.pop("synthetic")
 resource = resource_from_config(source, spec)
-manifest = download_source(resource, Path(snakemake.output[0]))
+manifest = download_source(resource, Path(snakemake.output[0]), cache_dir=Path(snakemake.params.cache))
 log.info("downloaded %s: %s", source, manifest)

@@ -23,4 +23,10 @@ report = upsample_chunk(
     high=snakemake.params.high,
 )
 write_table(report, snakemake.output.images)
-log.info("chunk %s: %d labelled images -> %d crops", snakemake.wildcards.chunk, len(report), int(report["n_crops_written"].sum()))
+log.info(
+    "chunk %s: %d images, %d labelled -> %d crops",
+    snakemake.wildcards.chunk,
+    len(report),
+    int(report["selected"].sum()),
+    int(report["n_crops_written"].sum()),
+)

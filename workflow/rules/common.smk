@@ -6,11 +6,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(workflow.basedir).resolve()))
 
 from cytopretrain.config import validate_config
-from cytopretrain.download import load_resource
+from cytopretrain.download import load_resource, resource_from_config
 
 validate_config(config, Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml")
 
 SOURCES = config["sources"]
+for _name, _spec in SOURCES.items():
+    # Resolve resource YAMLs and inline URLs now, so a broken source stops the run before any job.
+    if "synthetic" not in _spec:
+        resource_from_config(_name, _spec)
 PRETRAIN_SOURCES = [name for name, spec in SOURCES.items() if spec["role"] == "pretrain"]
 
 

@@ -13,5 +13,6 @@ rule download:
         downloads=1,
     params:
         spec=lambda wildcards: SOURCES[wildcards.source],
+        cache=config["download_cache"],
     script:
         "../../scripts/download.py"
