@@ -3,12 +3,12 @@
 import pandas as pd
 from _workflow import setup_logging
 
-from cytopretrain.labels import assign_weak_labels
+from cytopretrain.labels import REPORT_SCHEMA, SELECTION_SCHEMA, assign_weak_labels
+from cytopretrain.schema import LABEL_COLUMNS
 from cytopretrain.tables import read_table, write_table
 
 log = setup_logging(snakemake)
-columns = ["idx", "name", "organism", "cell_type", "cell_visible", "phenotype", "compound", "sirna", "gene"]
-meta = read_table(snakemake.input.table, columns=columns)
+meta = read_table(snakemake.input.table, columns=["idx", "name", *LABEL_COLUMNS])
 decisions = pd.concat([read_table(path, columns=["idx", "status"]) for path in snakemake.input.decisions])
 usable = meta[meta["idx"].isin(decisions.loc[decisions["status"] == "kept", "idx"])]
 selection, report = assign_weak_labels(
@@ -19,7 +19,7 @@ selection, report = assign_weak_labels(
     prelim_max=snakemake.params.prelim_max,
     seed=snakemake.params.seed,
 )
-write_table(selection, snakemake.output.selection)
+write_table(selection, snakemake.output.selection, schema=SELECTION_SCHEMA)
 write_table(report, snakemake.output.report)
 log.info(
     "%d usable images, %d labels taken, %d images selected",
