@@ -112,7 +112,11 @@ class ParquetStreamWriter:
         self.n_rows = 0
         self._atomic = atomic_path(self.path)
         self._tmp = self._atomic.__enter__()
-        self._writer = pq.ParquetWriter(self._tmp, schema, compression="zstd")
+        # Dictionary encoding never pays off on image bytes and costs a pass over each image.
+        dictionary_columns = [f.name for f in schema if f.type != pa.binary()]
+        self._writer = pq.ParquetWriter(
+            self._tmp, schema, compression="zstd", use_dictionary=dictionary_columns
+        )
 
     def write(self, row: dict) -> None:
         self._buffer.append(row)

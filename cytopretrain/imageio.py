@@ -1,0 +1,261 @@
+"""Read microscopy images in their native bit depth, with machine-readable failure reasons.
+
+Formats (chosen by file suffix, case-insensitive):
+
+- TIFF / OME-TIFF (``.tif``, ``.tiff``) through tifffile. The first series is read; its axes
+  other than Y and X (C, S, Z, T, Q, I, ...) become the channel axis, so a multi-page TIFF or
+  an RGB TIFF reads as (H, W, C). More than one non-spatial axis (e.g. a Z-stack with channels)
+  is ambiguous and raises ``bad_shape``. A file holding several single-plane series of equal
+  shape (pages written one by one) reads as one channel per series.
+- PNG through imagecodecs (libpng): 8- and 16-bit, grayscale, grayscale+alpha, RGB, RGBA.
+  Pillow is not used for PNG because it reduces 16-bit RGB(A) to 8 bits.
+- JPEG and BMP through Pillow (8-bit formats); palette and bilevel images become RGB / L.
+- NPY through ``np.load(allow_pickle=False)``. A 2-D array is (H, W). A 3-D array is
+  (H, W, C) when its last axis has at most ``MAX_CHANNELS`` entries, otherwise (C, H, W) when
+  its first axis does (returned as an (H, W, C) view); anything else raises ``bad_shape``.
+
+The native dtype is kept (uint8, uint16, other integers, float32, float64); only bool becomes
+uint8, float16 becomes float32 and byte-swapped data becomes native order. Arrays returned
+for channel-first sources are (H, W, C) views whose channel planes are contiguous, which the
+standardization stage reads fastest.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable, Sequence
+
+import imagecodecs
+import numpy as np
+import tifffile
+from PIL import Image
+
+# Largest channel count accepted when an array's channel axis must be guessed (NPY files).
+MAX_CHANNELS = 16
+
+READ_REASONS = (
+    "missing_file",
+    "empty_file",
+    "unreadable",
+    "unsupported_format",
+    "bad_shape",
+    "shape_mismatch",
+    "wrong_channel_count",
+)
+
+
+class ImageReadError(ValueError):
+    """An image cannot be read; ``reason`` is one of READ_REASONS, ``detail`` names the file."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(reason, detail)
+        self.reason = reason
+        self.detail = detail
+
+    def __str__(self) -> str:
+        return f"{self.reason}: {self.detail}"
+
+
+def _channel_axis(series: tifffile.TiffPageSeries, path: Path) -> int | None:
+    """Position of the one non-spatial axis of a series (None for a plain YX plane)."""
+    axes = series.axes
+    extra = [i for i, axis in enumerate(axes) if axis not in "YX"]
+    if "Y" not in axes or "X" not in axes or len(extra) > 1:
+        raise ImageReadError(
+            "bad_shape",
+            f"{path}: TIFF axes {axes!r} shape {series.shape}; expected YX plus at most one channel axis",
+        )
+    return extra[0] if extra else None
+
+
+def _check_tiff_extent(tif: tifffile.TiffFile, path: Path) -> None:
+    """Reject strips or tiles that point past the end of the file (a cut-off download)."""
+    size = path.stat().st_size
+    for page in tif.pages:
+        ends = [o + n for o, n in zip(page.dataoffsets, page.databytecounts) if n]
+        if ends and max(ends) > size:
+            raise ImageReadError(
+                "unreadable", f"{path}: TIFF image data ends at byte {max(ends)}, file has {size} bytes"
+            )
+
+
+def _read_tiff(path: Path) -> np.ndarray:
+    with tifffile.TiffFile(path) as tif:
+        series = tif.series
+        if not series:
+            raise ImageReadError("unreadable", f"{path}: TIFF holds no image series")
+        _check_tiff_extent(tif, path)
+        if len(series) == 1:
+            channel_axis = _channel_axis(series[0], path)
+            array = series[0].asarray()
+            return array if channel_axis is None else np.moveaxis(array, channel_axis, -1)
+        shapes = [s.shape for s in series]
+        if any(len(shape) != 2 for shape in shapes) or len(set(shapes)) != 1:
+            raise ImageReadError(
+                "bad_shape", f"{path}: TIFF has {len(series)} series of shapes {shapes}; expected equal 2-D planes"
+            )
+        return np.stack([s.asarray() for s in series], axis=-1)
+
+
+def _read_png(path: Path) -> np.ndarray:
+    return imagecodecs.png_decode(path.read_bytes())
+
+
+# Pillow modes without a direct numeric meaning, and the mode each is converted to.
+_PIL_CONVERSIONS = {"1": "L", "P": "RGB", "PA": "RGBA", "CMYK": "RGB", "YCbCr": "RGB", "LAB": "RGB", "HSV": "RGB"}
+
+
+def _read_pil(path: Path) -> np.ndarray:
+    with Image.open(path) as image:
+        image.load()
+        target = _PIL_CONVERSIONS.get(image.mode)
+        if image.mode == "P" and "transparency" in image.info:
+            target = "RGBA"
+        return np.array(image.convert(target) if target else image)
+
+
+def _read_npy(path: Path) -> np.ndarray:
+    array = np.load(path, allow_pickle=False)
+    if array.ndim == 3 and array.shape[-1] > MAX_CHANNELS:
+        if array.shape[0] > MAX_CHANNELS:
+            raise ImageReadError(
+                "bad_shape", f"{path}: array shape {array.shape} has no channel axis of at most {MAX_CHANNELS}"
+            )
+        array = np.moveaxis(array, 0, -1)
+    return array
+
+
+_READERS: dict[str, Callable[[Path], np.ndarray]] = {
+    ".tif": _read_tiff,
+    ".tiff": _read_tiff,
+    ".png": _read_png,
+    ".jpg": _read_pil,
+    ".jpeg": _read_pil,
+    ".bmp": _read_pil,
+    ".npy": _read_npy,
+}
+SUPPORTED_SUFFIXES = tuple(_READERS)
+
+
+def _native(array: np.ndarray, path: Path) -> np.ndarray:
+    """Check shape and dtype; convert only what downstream numeric code cannot use as is."""
+    if array.ndim not in (2, 3) or 0 in array.shape:
+        raise ImageReadError("bad_shape", f"{path}: image shape {array.shape}; expected (H, W) or (H, W, C)")
+    kind = array.dtype.kind
+    if kind == "b":
+        return array.astype(np.uint8)
+    if kind not in "uif":
+        raise ImageReadError("unsupported_format", f"{path}: pixel dtype {array.dtype} is not numeric")
+    if array.dtype == np.float16:
+        return array.astype(np.float32)
+    if not array.dtype.isnative:
+        return array.astype(array.dtype.newbyteorder("="))
+    return array
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """One image file as an (H, W) or (H, W, C) array in its native dtype.
+
+    Raises ImageReadError with reason missing_file, empty_file, unsupported_format,
+    unreadable (corrupt or truncated; the detail names the file and the decoder's error) or
+    bad_shape.
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except (FileNotFoundError, NotADirectoryError):
+        raise ImageReadError("missing_file", f"{path}: no such file") from None
+    except OSError as exc:
+        raise ImageReadError("unreadable", f"{path}: {type(exc).__name__}: {exc}") from exc
+    if not path.is_file():
+        raise ImageReadError("unreadable", f"{path}: not a regular file")
+    if size == 0:
+        raise ImageReadError("empty_file", f"{path}: file has zero bytes")
+    reader = _READERS.get(path.suffix.lower())
+    if reader is None:
+        raise ImageReadError(
+            "unsupported_format", f"{path}: suffix {path.suffix!r} not in {', '.join(SUPPORTED_SUFFIXES)}"
+        )
+    try:
+        array = reader(path)
+    except ImageReadError:
+        raise
+    # Decoders signal corrupt data with many exception types (ValueError, OSError,
+    # SyntaxError in Pillow, codec-specific errors, MemoryError for absurd headers).
+    except Exception as exc:
+        raise ImageReadError("unreadable", f"{path}: {type(exc).__name__}: {exc}") from exc
+    return _native(array, path)
+
+
+def rgb_to_gray(image: np.ndarray) -> np.ndarray:
+    """Mean of the first three channels (alpha ignored), as CytoImageNet merges RGB sources.
+
+    The result is float32 (float64 for float64 input) so no intensity level is lost.
+    """
+    dtype = np.float64 if image.dtype == np.float64 else np.float32
+    return image[:, :, :3].mean(axis=2, dtype=dtype)
+
+
+def _single_channel(image: np.ndarray, path: str) -> np.ndarray:
+    """A per-channel file as a 2-D plane: gray as is, RGB(A) averaged to gray."""
+    if image.ndim == 2:
+        return image
+    if image.shape[2] == 1:
+        return image[:, :, 0]
+    if image.shape[2] in (3, 4):
+        return rgb_to_gray(image)
+    raise ImageReadError(
+        "bad_shape", f"{path}: a per-channel file must be gray or RGB(A), got shape {image.shape}"
+    )
+
+
+def _stack_planes(paths: Sequence[str]) -> np.ndarray:
+    """Read one plane per file into a (C, H, W) buffer, checking shapes as files arrive."""
+    first = _single_channel(read_image(paths[0]), paths[0])
+    planes = np.empty((len(paths),) + first.shape, dtype=first.dtype)
+    planes[0] = first
+    for c, path in enumerate(paths[1:], start=1):
+        plane = _single_channel(read_image(path), path)
+        if plane.shape != first.shape:
+            raise ImageReadError(
+                "shape_mismatch",
+                f"{path}: shape {plane.shape} differs from {paths[0]}: shape {first.shape}",
+            )
+        if plane.dtype != planes.dtype:
+            planes = planes.astype(np.result_type(planes.dtype, plane.dtype))
+        planes[c] = plane
+    return planes
+
+
+def read_channels(paths: Sequence[str | os.PathLike], expected_channels: int | None = None) -> np.ndarray:
+    """The channels of one image as an (H, W, C) array in the sources' dtype.
+
+    Several paths: one file per channel, each 2-D (an RGB(A) file is averaged to one gray
+    channel); the result is a view of a (C, H, W) buffer. One path: that file holds all
+    channels (multi-page TIFF, NPY, multi-channel PNG); if ``expected_channels`` is 1 and the
+    file is RGB(A), it is averaged to gray. Raises ImageReadError: read failures as in
+    read_image, ``shape_mismatch`` when channel files differ in shape, ``wrong_channel_count``
+    when the channel count differs from ``expected_channels``.
+    """
+    paths = [os.fspath(p) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)]
+    if not paths:
+        raise ImageReadError("wrong_channel_count", "no channel files given")
+    if expected_channels is not None and len(paths) > 1 and len(paths) != expected_channels:
+        raise ImageReadError(
+            "wrong_channel_count",
+            f"{paths[0]}: {len(paths)} channel files given, {expected_channels} expected",
+        )
+    if len(paths) > 1:
+        return _stack_planes(paths).transpose(1, 2, 0)
+    image = read_image(paths[0])
+    if image.ndim == 2:
+        image = image[:, :, None]
+    elif expected_channels == 1 and image.shape[2] in (3, 4):
+        image = rgb_to_gray(image)[:, :, None]
+    if expected_channels is not None and image.shape[2] != expected_channels:
+        raise ImageReadError(
+            "wrong_channel_count",
+            f"{paths[0]}: file holds {image.shape[2]} channels, {expected_channels} expected",
+        )
+    return image

@@ -1,0 +1,264 @@
+"""Image reading: every format and dtype round-trips exact values; failures carry reasons."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+
+from cytopretrain.imageio import ImageReadError, read_channels, read_image
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"real test data not found at {DATA}")
+
+RNG = np.random.default_rng(7)
+
+
+def write_png(path: Path, array: np.ndarray) -> None:
+    """Minimal PNG writer (filter 0, big-endian samples), independent of the reader's library."""
+    colour = {1: 0, 2: 4, 3: 2, 4: 6}[1 if array.ndim == 2 else array.shape[2]]
+    depth = array.dtype.itemsize * 8
+    rows = array.astype(f">u{array.dtype.itemsize}").reshape(array.shape[0], -1)
+    raw = b"".join(b"\x00" + row.tobytes() for row in rows)
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", array.shape[1], array.shape[0], depth, colour, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw))
+                     + chunk(b"IEND", b""))
+
+
+def random_image(shape: tuple[int, ...], dtype: str) -> np.ndarray:
+    if np.dtype(dtype).kind == "f":
+        return RNG.uniform(0.0015, 0.037, shape).astype(dtype)
+    info = np.iinfo(dtype)
+    return RNG.integers(info.min, info.max, shape, endpoint=True).astype(dtype)
+
+
+def read_error(path, *args) -> ImageReadError:
+    with pytest.raises(ImageReadError) as caught:
+        (read_channels if args else read_image)(path, *args)
+    return caught.value
+
+
+# ------------------------------------------------------------------ round trips
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "uint16", "int16", "int32", "float32", "float64"])
+def test_tiff_single_page_keeps_dtype_and_values(tmp_path, dtype):
+    image = random_image((40, 50), dtype)
+    tifffile.imwrite(tmp_path / "a.tif", image)
+    out = read_image(tmp_path / "a.tif")
+    assert out.dtype == image.dtype
+    np.testing.assert_array_equal(out, image)
+
+
+def test_tiff_pages_become_channels(tmp_path):
+    pages = random_image((3, 40, 50), "uint16")
+    tifffile.imwrite(tmp_path / "pages.tif", pages, photometric="minisblack")
+    with tifffile.TiffWriter(tmp_path / "series.tiff") as writer:  # one series per page
+        for page in pages:
+            writer.write(page)
+    for name in ("pages.tif", "series.tiff"):
+        out = read_image(tmp_path / name)
+        assert out.shape == (40, 50, 3)
+        for c in range(3):
+            np.testing.assert_array_equal(out[:, :, c], pages[c])
+
+
+def test_tiff_rgb_and_ome(tmp_path):
+    rgb = random_image((30, 20, 3), "uint8")
+    tifffile.imwrite(tmp_path / "rgb.tif", rgb, photometric="rgb")
+    np.testing.assert_array_equal(read_image(tmp_path / "rgb.tif"), rgb)
+
+    stack = random_image((2, 30, 20), "uint16")
+    tifffile.imwrite(tmp_path / "a.ome.tif", stack, metadata={"axes": "CYX"})
+    np.testing.assert_array_equal(read_image(tmp_path / "a.ome.tif"), np.moveaxis(stack, 0, -1))
+
+    tifffile.imwrite(tmp_path / "zc.ome.tif", random_image((2, 3, 30, 20), "uint16"), metadata={"axes": "ZCYX"})
+    error = read_error(tmp_path / "zc.ome.tif")
+    assert error.reason == "bad_shape" and "ZCYX" in error.detail
+
+
+@pytest.mark.parametrize("channels", [1, 2, 3, 4])
+@pytest.mark.parametrize("dtype", ["uint8", "uint16"])
+def test_png_all_depths_and_colour_types(tmp_path, channels, dtype):
+    shape = (33, 47) if channels == 1 else (33, 47, channels)
+    image = random_image(shape, dtype)
+    write_png(tmp_path / "a.png", image)
+    out = read_image(tmp_path / "a.png")
+    assert out.dtype == image.dtype
+    np.testing.assert_array_equal(out, image)
+
+
+def test_16_bit_png_and_tiff_keep_more_than_256_levels(tmp_path):
+    ramp = np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) * 13
+    Image.fromarray(ramp).save(tmp_path / "pil16.png")  # Pillow writes mode I;16
+    write_png(tmp_path / "rgb16.png", np.stack([ramp, ramp[::-1], ramp.T], axis=-1))
+    tifffile.imwrite(tmp_path / "a.tif", ramp)
+    for name in ("pil16.png", "rgb16.png", "a.tif"):
+        out = read_image(tmp_path / name)
+        assert out.dtype == np.uint16
+        assert np.unique(out).size > 256
+    np.testing.assert_array_equal(read_image(tmp_path / "pil16.png"), ramp)
+
+
+def test_jpeg_and_bmp(tmp_path):
+    gray = random_image((24, 36), "uint8")
+    rgb = random_image((24, 36, 3), "uint8")
+    Image.fromarray(gray).save(tmp_path / "g.bmp")
+    Image.fromarray(rgb).save(tmp_path / "c.BMP")
+    np.testing.assert_array_equal(read_image(tmp_path / "g.bmp"), gray)
+    np.testing.assert_array_equal(read_image(tmp_path / "c.BMP"), rgb)
+
+    palette = Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
+    palette.save(tmp_path / "p.bmp")
+    np.testing.assert_array_equal(read_image(tmp_path / "p.bmp"), np.array(palette.convert("RGB")))
+
+    smooth = np.add.outer(np.arange(24), np.arange(36)).astype(np.uint8) * 3
+    Image.fromarray(smooth).save(tmp_path / "s.jpg", quality=95)
+    out = read_image(tmp_path / "s.jpg")
+    assert out.dtype == np.uint8 and out.shape == smooth.shape
+    assert np.abs(out.astype(int) - smooth).mean() < 2  # lossy, but the same picture
+
+
+def test_npy_layouts(tmp_path):
+    hw = random_image((20, 30), "float32")
+    hwc = random_image((20, 30, 3), "uint16")
+    chw = random_image((5, 20, 30), "int16")
+    swapped = random_image((20, 30), "uint16").astype(">u2")
+    for name, array in {"hw": hw, "hwc": hwc, "chw": chw, "be": swapped}.items():
+        np.save(tmp_path / f"{name}.npy", array)
+    np.testing.assert_array_equal(read_image(tmp_path / "hw.npy"), hw)
+    np.testing.assert_array_equal(read_image(tmp_path / "hwc.npy"), hwc)
+    np.testing.assert_array_equal(read_image(tmp_path / "chw.npy"), np.moveaxis(chw, 0, -1))
+    out = read_image(tmp_path / "be.npy")
+    assert out.dtype.isnative and out.dtype == np.uint16
+    np.testing.assert_array_equal(out, swapped)
+
+    for name, shape in {"line": (50,), "cube": (20, 30, 40), "four": (2, 3, 20, 30)}.items():
+        np.save(tmp_path / f"{name}.npy", np.zeros(shape, np.uint8))
+        assert read_error(tmp_path / f"{name}.npy").reason == "bad_shape"
+
+
+# ------------------------------------------------------------------ failures
+
+
+def test_missing_empty_and_unsupported(tmp_path):
+    assert read_error(tmp_path / "nope.tif").reason == "missing_file"
+    (tmp_path / "empty.png").write_bytes(b"")
+    error = read_error(tmp_path / "empty.png")
+    assert error.reason == "empty_file" and "empty.png" in error.detail
+    (tmp_path / "a.gif").write_bytes(b"GIF89a")
+    assert read_error(tmp_path / "a.gif").reason == "unsupported_format"
+    np.save(tmp_path / "c.npy", np.zeros((4, 4), np.complex64))
+    assert read_error(tmp_path / "c.npy").reason == "unsupported_format"
+
+
+@pytest.mark.parametrize("name", ["a.tif", "a.png", "a.jpg", "a.npy", "a.bmp"])
+def test_truncated_files_are_unreadable(tmp_path, name):
+    image = random_image((64, 64), "uint16" if name.endswith(("tif", "png", "npy")) else "uint8")
+    good = tmp_path / name
+    if name.endswith("tif"):
+        tifffile.imwrite(good, image)
+    elif name.endswith("npy"):
+        np.save(good, image)
+    else:
+        Image.fromarray(image).save(good)
+    cut = tmp_path / f"cut_{name}"
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size * 2 // 3])
+    error = read_error(cut)
+    assert error.reason == "unreadable"
+    assert str(cut) in error.detail and len(error.detail) > len(str(cut)) + 5  # library error included
+
+
+def test_garbage_with_image_suffix_is_unreadable(tmp_path):
+    (tmp_path / "noise.png").write_bytes(RNG.bytes(500))
+    assert read_error(tmp_path / "noise.png").reason == "unreadable"
+
+
+# ------------------------------------------------------------------ read_channels
+
+
+def test_one_file_per_channel(tmp_path):
+    planes = [random_image((30, 40), "uint16") for _ in range(3)]
+    paths = []
+    for c, plane in enumerate(planes):
+        paths.append(str(tmp_path / f"c{c}.tif"))
+        tifffile.imwrite(paths[-1], plane)
+    out = read_channels(paths, 3)
+    assert out.shape == (30, 40, 3) and out.dtype == np.uint16
+    for c, plane in enumerate(planes):
+        np.testing.assert_array_equal(out[:, :, c], plane)
+
+
+def test_rgb_channel_file_is_averaged_to_gray(tmp_path):
+    rgb = random_image((30, 40, 3), "uint8")
+    gray = random_image((30, 40), "uint8")
+    Image.fromarray(rgb).save(tmp_path / "rgb.png")
+    Image.fromarray(gray).save(tmp_path / "gray.png")
+    out = read_channels([tmp_path / "rgb.png", tmp_path / "gray.png"])
+    assert out.shape == (30, 40, 2)
+    np.testing.assert_allclose(out[:, :, 0], rgb.astype(np.float64).sum(axis=2) / 3, rtol=1e-6)
+    np.testing.assert_array_equal(out[:, :, 1], gray)
+    # A single RGB file described as one channel is averaged as well; otherwise kept as three.
+    np.testing.assert_allclose(read_channels([tmp_path / "rgb.png"], 1)[:, :, 0], out[:, :, 0])
+    assert read_channels([tmp_path / "rgb.png"]).shape == (30, 40, 3)
+
+
+def test_single_multichannel_file(tmp_path):
+    stack = random_image((4, 30, 40), "uint16")
+    tifffile.imwrite(tmp_path / "stack.tif", stack, photometric="minisblack")
+    out = read_channels([tmp_path / "stack.tif"], 4)
+    np.testing.assert_array_equal(out, np.moveaxis(stack, 0, -1))
+    error = read_error([tmp_path / "stack.tif"], 3)
+    assert error.reason == "wrong_channel_count" and "stack.tif" in error.detail
+
+
+def test_channel_count_and_shape_errors(tmp_path):
+    tifffile.imwrite(tmp_path / "a.tif", random_image((30, 40), "uint16"))
+    tifffile.imwrite(tmp_path / "b.tif", random_image((30, 41), "uint16"))
+    assert read_error([tmp_path / "a.tif", tmp_path / "a.tif"], 3).reason == "wrong_channel_count"
+    error = read_error([tmp_path / "a.tif", tmp_path / "b.tif"], 2)
+    assert error.reason == "shape_mismatch"
+    assert "a.tif" in error.detail and "b.tif" in error.detail
+    assert read_error([tmp_path / "a.tif", tmp_path / "gone.tif"], None).reason == "missing_file"
+    np.save(tmp_path / "five.npy", np.zeros((20, 30, 5), np.uint8))
+    assert read_error([tmp_path / "a.tif", tmp_path / "five.npy"], None).reason == "bad_shape"
+
+
+# ------------------------------------------------------------------ real data
+
+
+@needs_data
+def test_real_rxrx1_site_matches_pillow():
+    first = sorted((DATA / "rxrx1").glob("train/*/Plate1/*_s1_w1.png"))[0]
+    paths = [first.with_name(first.name.replace("_w1", f"_w{c}")) for c in range(1, 7)]
+    out = read_channels(paths, 6)
+    assert out.shape == (512, 512, 6) and out.dtype == np.uint8
+    for c, path in enumerate(paths):
+        np.testing.assert_array_equal(out[:, :, c], np.array(Image.open(path)))
+
+
+@needs_data
+def test_real_float_tiffs_and_uint16_npy():
+    gfp = sorted((DATA / "yeast_toy" / "images").glob("*/*_gfp.tif"))[0]
+    yeast = read_channels([gfp, gfp.with_name(gfp.name.replace("_gfp", "_rfp"))], 2)
+    assert yeast.dtype == np.float32 and yeast.shape == (64, 64, 2)
+    np.testing.assert_array_equal(yeast[:, :, 0], tifffile.imread(gfp))
+    assert 0 < yeast.min() and yeast.max() < 1  # the small native range is kept, not rescaled
+
+    blue = sorted(DATA.glob("hpa_toy/*/*_blue.tif"))[0]
+    hpa = read_channels([blue] + [blue.with_name(blue.name.replace("blue", s)) for s in ("green", "red")], 3)
+    assert hpa.dtype == np.float32 and hpa.shape == (128, 128, 3)
+
+    cell = sorted((DATA / "bbbc021_cells").glob("*/*.npy"))[0]
+    out = read_channels([cell], 3)
+    assert out.dtype == np.uint16
+    np.testing.assert_array_equal(out, np.load(cell))
