@@ -14,5 +14,6 @@ summary = generate_collection(
     scale=snakemake.params.scale,
     image_size=snakemake.params.image_size,
     layouts=snakemake.params.layouts,
+    workers=snakemake.threads,
 )
 log.info("generated %s", summary)

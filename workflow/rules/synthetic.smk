@@ -11,6 +11,7 @@ rule generate_synthetic:
         "benchmarks/generate_synthetic/generate_synthetic.tsv"
     conda:
         "../../envs/curation.yaml"
+    threads: 2
     params:
         seed=config["synthetic"]["seed"],
         scale=config["synthetic"]["scale"],
