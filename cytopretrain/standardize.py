@@ -18,6 +18,9 @@ Definition (CytoImageNet's, made precise):
 - A channel with p_low == p_high has no contrast to stretch: it becomes zeros in "keep" mode
   and is left out of the mean in "merge" mode (a blank stain must not dim the merged image).
   Only an image whose channels are all uniform is rejected (reason ``uniform``).
+- An image whose every channel holds at most two distinct values is a binary mask, not a
+  micrograph (CytoImageNet's filter), and is rejected (reason ``binary``). Checking it here, on
+  the raw channels, catches masks that merging would blend into more than two grey levels.
 - NaN or infinite pixels reject the image (reason ``non_finite``).
 
 ``standardize_chunk`` runs the stage over a slice of the canonical table (schema.py), streams
@@ -60,7 +63,7 @@ OUTPUT_SCHEMA = pa.schema(list(OUTPUT_FIELDS.items()))
 DECISION_COLUMNS = ("idx", "stage", "status", "reason", "detail")
 REQUIRED_COLUMNS = ("idx", "channel_paths", "channels")
 # Every reason a decision row of this stage can carry.
-QUARANTINE_REASONS = READ_REASONS + ("uniform", "non_finite")
+QUARANTINE_REASONS = READ_REASONS + ("uniform", "binary", "non_finite")
 
 
 class StandardizeError(ValueError):
@@ -124,6 +127,7 @@ class _Channel:
     p_high: float
     values: np.ndarray  # the raw plane, or its levels (value - offset) when histogrammed
     offset: int  # value of level 0; 0 for raw planes
+    two_valued: bool  # at most two distinct pixel values
 
     @property
     def uniform(self) -> bool:
@@ -189,11 +193,19 @@ def _prepare_channel(plane: np.ndarray, index: int, low: float, high: float) -> 
     as_levels = _as_levels(plane)
     if as_levels is None:
         p_low, p_high = selection_percentiles(plane, low, high)
-        return _Channel(p_low, p_high, plane, 0)
+        return _Channel(p_low, p_high, plane, 0, _at_most_two_values(plane))
     levels, offset = as_levels
     counts = level_counts(levels)
     p_low, p_high = histogram_percentiles(counts, low, high, offset)
-    return _Channel(p_low, p_high, levels, offset)
+    return _Channel(p_low, p_high, levels, offset, np.count_nonzero(counts) <= 2)
+
+
+def _at_most_two_values(plane: np.ndarray) -> bool:
+    """Whether a float plane has at most two distinct values; a small sample decides most planes."""
+    flat = plane.ravel()
+    if np.unique(flat[:: max(1, flat.size // 4096)]).size > 2:
+        return False
+    return np.unique(flat).size <= 2
 
 
 def standardize_image(
@@ -203,7 +215,7 @@ def standardize_image(
 
     Returns the image ((H, W) for "merge", (H, W, C) for "keep") and stats with per-channel
     ``p_low``, ``p_high`` (floats) and ``uniform_channels`` (indices). Raises StandardizeError
-    ("non_finite", "uniform").
+    ("non_finite", "uniform", "binary").
     """
     _check_options(low, high, mode)
     if image.ndim == 2:
@@ -221,6 +233,8 @@ def standardize_image(
         raise StandardizeError(
             "uniform", f"all {len(channels)} channel(s) uniform (p{low} == p{high}: {stats['p_low']})"
         )
+    if all(ch.two_valued for ch in channels):
+        raise StandardizeError("binary", f"all {len(channels)} channel(s) hold at most two values (a mask)")
     if mode == "keep":
         return _keep(channels, image.shape), stats
     return _merge(active, image.shape[:2]), stats

@@ -169,6 +169,22 @@ def test_uniform_and_non_finite_images_are_rejected():
         assert caught.value.reason == "non_finite" and "channel 1" in caught.value.detail
 
 
+def test_binary_masks_are_rejected_even_when_channels_differ():
+    rng = np.random.default_rng(3)
+    # Three different masks: merged, they would blend into up to four grey levels.
+    masks = (rng.random((40, 50, 3)) > 0.5).astype(np.uint8) * np.array([255, 1, 9], np.uint8)
+    with pytest.raises(StandardizeError) as caught:
+        standardize_image(masks)
+    assert caught.value.reason == "binary"
+    as_float = masks.astype(np.float32) / 7
+    with pytest.raises(StandardizeError, match="two values"):
+        standardize_image(as_float, mode="keep")
+    # One real channel beside a mask is a micrograph with a mask channel: kept.
+    mixed = np.concatenate([masks[:, :, :1], microscopy_like((40, 50), "uint8")[:, :, None]], axis=2)
+    kept, _ = standardize_image(mixed, mode="keep")
+    assert kept.shape == (40, 50, 2)
+
+
 def test_bad_options_raise():
     image = microscopy_like((10, 10), "uint8")
     for kwargs in ({"low": 50, "high": 50}, {"low": -1}, {"high": 101}, {"mode": "concat"}):

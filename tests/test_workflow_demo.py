@@ -1,0 +1,161 @@
+"""End to end: the README's default run on the embedded synthetic collection.
+
+One run of the whole curation DAG (module-scoped fixture), then checks on what it wrote:
+counts that reconcile across stages, the injected defects quarantined with the right reason,
+shards whose contents agree with the label tables, and a TFRecord re-run read back by an
+independent reader.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from cytopretrain.shards import iter_shard, load_index, load_labels
+from cytopretrain.tables import decode_pixels, read_table
+from workflow_helpers import check, demo_config, snakemake, write_config
+
+pytestmark = pytest.mark.slow
+
+# Injected defect -> the stage and reason that must catch it.
+EXPECTED_CATCH = {
+    "truncated": ("standardize", "unreadable"),
+    "empty_file": ("standardize", "empty_file"),
+    "blank": ("standardize", "uniform"),
+    "saturated": ("standardize", "uniform"),
+    "binary": ("standardize", "binary"),
+    "missing": ("clean_metadata", "incomplete_channels"),
+}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("demo")
+    write_config(workdir, demo_config())
+    check(snakemake(workdir, "--cores", "2"))
+    return workdir
+
+
+def funnel(run: Path) -> pd.DataFrame:
+    return read_table(run / "results" / "funnel.tsv").set_index("stage").astype(
+        {"n_in": int, "n_kept": int, "n_removed": int}
+    )
+
+
+def test_counts_reconcile_from_sources_to_shards(run):
+    stages = funnel(run)
+    assert (stages["n_in"] == stages["n_kept"] + stages["n_removed"]).all()
+    # Each stage takes what the previous one kept.
+    chain = ["clean_metadata", "standardize", "assign_labels", "upsample_crops"]
+    for before, after in zip(chain, chain[1:]):
+        assert stages.loc[after, "n_in"] == stages.loc[before, "n_kept"], (before, after)
+    assert stages.loc["write_shards", "n_in"] == stages.loc["quality_control", "n_kept"]
+    # Independent recounts from the files themselves.
+    results = run / "results"
+    merged = pq.ParquetFile(results / "metadata" / "merged.parquet").metadata.num_rows
+    assert stages.loc["standardize", "n_in"] == merged
+    crops = sum(pq.ParquetFile(p).metadata.num_rows for p in (results / "crops").glob("chunk-*.parquet"))
+    assert stages.loc["quality_control", "n_in"] == crops
+    index = load_index(results / "shards")
+    samples = sum(1 for shard in index["shard"] for _ in iter_shard(results / "shards" / shard))
+    assert samples == index["n_samples"].sum() == stages.loc["write_shards", "n_kept"]
+    quarantine = read_table(results / "quarantine.tsv")
+    removed = stages.loc[["clean_metadata", "standardize", "quality_control", "write_shards"], "n_removed"].sum()
+    assert len(quarantine) == removed
+
+
+def test_chunks_follow_the_plan(run):
+    results = run / "results"
+    plan = pd.read_json(results / "metadata" / "chunks.json", typ="series")
+    chunks = sorted((results / "standardize").glob("chunk-*.parquet"))
+    assert len(chunks) == plan["n_chunks"] == math.ceil(plan["n_images"] / plan["chunk_size"])
+    decisions = [read_table(p) for p in sorted((results / "standardize" / "decisions").glob("*.tsv"))]
+    assert all(len(d) <= plan["chunk_size"] for d in decisions)
+    assert sum(len(d) for d in decisions) == plan["n_images"]
+
+
+def test_injected_defects_are_quarantined_with_their_reason(run):
+    results = run / "results"
+    truth = pd.read_csv(results / "synthetic" / "ground_truth.csv")
+    layout_source = {
+        spec["synthetic"]: name
+        for name, spec in demo_config()["sources"].items()
+        if spec.get("role", "pretrain") == "pretrain"
+    }
+    quarantine = read_table(results / "quarantine.tsv")
+    reason_of = {(row.idx, row.stage): row.reason for row in quarantine.itertuples()}
+    tables = {s: read_table(results / "metadata" / "sources" / f"{s}.parquet") for s in layout_source.values()}
+    issues = {s: read_table(results / "metadata" / "sources" / f"{s}.issues.tsv") for s in layout_source.values()}
+    checked = 0
+    for defect in truth[truth["layout"].isin(layout_source) & truth["defect"].isin(EXPECTED_CATCH)].itertuples():
+        source = layout_source[defect.layout]
+        path = str((results / "download" / source / defect.path).resolve())
+        stage, reason = EXPECTED_CATCH[defect.defect]
+        if stage == "clean_metadata":
+            hits = issues[source][issues[source]["detail"].str.contains(str(Path(path).parent), regex=False)]
+            assert (hits["reason"] == reason).any(), defect
+        else:
+            table = tables[source]
+            owner = table[table["channel_paths"].map(lambda paths: path in list(paths))]
+            assert len(owner) == 1, f"{defect.path} not in the canonical table"
+            assert reason_of.get((owner["idx"].iloc[0], stage)) == reason, defect
+        checked += 1
+    assert checked >= 10
+
+
+def test_shards_agree_with_labels_and_split(run):
+    shards = run / "results" / "shards"
+    labels = load_labels(shards)
+    qc_labels = read_table(run / "results" / "qc" / "labels.tsv")
+    assert sorted(labels["label"]) == sorted(qc_labels["label"])
+    index = load_index(shards)
+    seen: dict[str, set] = {"train": set(), "validation": set()}
+    per_label = {split: pd.Series(0, index=labels["label"]) for split in seen}
+    class_of = dict(zip(labels["label"], labels["class_index"]))
+    for row in index.itertuples():
+        for sample in iter_shard(shards / row.shard):
+            assert class_of[sample["label"]] == sample["class_index"]
+            image = decode_pixels(sample["pixels"], sample["height"], sample["width"], sample["n_channels"])
+            assert image.dtype == np.uint8 and image.max() > image.min()
+            seen[row.split].add(sample["idx"])
+            per_label[row.split][sample["label"]] += 1
+    assert not seen["train"] & seen["validation"], "a parent image in both splits"
+    assert (per_label["train"].to_numpy() == labels["n_train"].to_numpy()).all()
+    assert (per_label["validation"].to_numpy() == labels["n_validation"].to_numpy()).all()
+    fraction = per_label["validation"].sum() / (per_label["train"].sum() + per_label["validation"].sum())
+    assert 0.05 < fraction < 0.2
+
+
+def test_second_run_has_nothing_to_do(run):
+    result = check(snakemake(run, "-n"))
+    assert "Nothing to be done" in result.stdout + result.stderr
+
+
+def test_tfrecord_shards_read_back_by_an_independent_reader(run):
+    from tfrecord.reader import tfrecord_loader
+
+    config = demo_config()
+    config["shards"]["format"] = "tfrecord"
+    write_config(run, config)
+    try:
+        check(snakemake(run, "--cores", "2", "results/shards/index.tsv"))
+        index = load_index(run / "results" / "shards")
+        assert set(index["format"]) == {"tfrecord"}
+        total = 0
+        for row in index.itertuples():
+            records = list(tfrecord_loader(str(run / "results" / "shards" / row.shard), None))
+            assert len(records) == row.n_samples
+            for record in records:
+                assert record["image/height"][0] * record["image/width"][0] > 0
+                assert record["label"][0] >= 0 and len(record["crop_id"]) > 0
+            total += len(records)
+        assert total == funnel(run).loc["quality_control", "n_kept"] - len(
+            read_table(run / "results" / "shards" / "excluded.tsv")
+        )
+    finally:
+        write_config(run, demo_config())
