@@ -41,7 +41,7 @@ Semantics of :func:`assign_weak_labels`
   table, parameters and seed give the same result.
 * **Output.** ``selection`` has one row per selected image (columns idx, label, category) in
   assignment order, rows of one label in table order. ``report`` has one row per candidate
-  (label, category, n_total, n_available, n_selected, outcome, order) in visiting order.
+  (label, token, category, n_total, n_available, n_selected, outcome, order) in visiting order.
   ``report.n_selected.sum() == len(selection)``.
 
 Where this deviates from the original ``analyze_metadata.py`` and why
@@ -51,7 +51,9 @@ Where this deviates from the original ``analyze_metadata.py`` and why
   (``dmso`` took ``dmso2`` rows) and compound names with regex characters such as ``(+)-`` were
   mis-matched. We match whole tokens, consistent with how candidates are counted.
 * The original keyed labels by their text alone (one file per label), so a token present in
-  two columns collided; here a label is (category, token). Gene values are expected to carry
+  two columns collided; here a label is (category, token). Its class name (``label``) is the
+  token, or ``"<token> [<category>]"`` when the same token was taken from two columns, so that
+  names stay unique downstream; ``report.token`` keeps the bare token. Gene values are expected to carry
   the `` targeted`` suffix already (schema.py), which keeps them apart from cell_visible.
 * The original ordered candidates with a non-stable sort on counts (arbitrary tie order); ties
   here are broken deterministically.
@@ -95,6 +97,7 @@ SELECTION_FIELDS: dict[str, pa.DataType] = {
 }
 REPORT_FIELDS: dict[str, pa.DataType] = {
     "label": pa.string(),
+    "token": pa.string(),
     "category": pa.string(),
     "n_total": pa.int64(),
     "n_available": pa.int64(),
@@ -340,7 +343,8 @@ def assign_weak_labels(
 
     report = pd.DataFrame(
         {
-            "label": candidates["label"].astype(object),
+            "label": _unique_label_names(candidates["label"], candidates["category"], n_selected),
+            "token": candidates["label"].astype(object),
             "category": candidates["category"].astype(object),
             "n_total": candidates["n_total"].astype(np.int64),
             "n_available": n_available,
@@ -360,3 +364,15 @@ def assign_weak_labels(
         }
     )
     return selection, report
+
+
+def _unique_label_names(tokens: pd.Series, categories: pd.Series, n_selected: np.ndarray) -> pd.Series:
+    """Class names that identify a label alone: ``"<token> [<category>]"`` where the same token
+    was taken from two columns (e.g. BBBC021's ``dmso`` as a compound and as an MOA), else the
+    token."""
+    tokens = tokens.astype(object).reset_index(drop=True)
+    categories = categories.astype(object).reset_index(drop=True)
+    taken = pd.Series(n_selected > 0)
+    clashing = tokens[taken].duplicated(keep=False).reindex(tokens.index, fill_value=False)
+    clashing = tokens.isin(tokens[clashing])
+    return tokens.where(~clashing, tokens + " [" + categories + "]")

@@ -41,8 +41,13 @@ def rows_of(selection: pd.DataFrame, label: str, category: str) -> list[int]:
     return sorted(int(i.split("-")[1]) for i in chosen.idx)
 
 
-def report_row(report: pd.DataFrame, label: str, category: str) -> pd.Series:
-    match = report[(report.label == label) & (report.category == category)]
+def bare(label: str) -> str:
+    """The token behind a class name ("dmso [compound]" -> "dmso")."""
+    return label.split(" [", 1)[0]
+
+
+def report_row(report: pd.DataFrame, token: str, category: str) -> pd.Series:
+    match = report[(report.token == token) & (report.category == category)]
     assert len(match) == 1, f"{category}:{label} appears {len(match)} times in the report"
     return match.iloc[0]
 
@@ -131,13 +136,13 @@ def test_ties_follow_column_order_then_token():
     _, report = assign_weak_labels(
         frame, columns=("organism", "compound"), min_count=3, take_all_max=10, prelim_max=10
     )
-    assert list(zip(report.category, report.label)) == [
+    assert list(zip(report.category, report.token)) == [
         ("organism", "yak"),
         ("organism", "zebra"),
         ("compound", "x"),
     ]
     _, report = assign_weak_labels(frame, min_count=3, take_all_max=10, prelim_max=10)
-    assert list(zip(report.category, report.label)) == [
+    assert list(zip(report.category, report.token)) == [
         ("compound", "x"),
         ("organism", "yak"),
         ("organism", "zebra"),
@@ -145,11 +150,14 @@ def test_ties_follow_column_order_then_token():
     assert list(report.order) == [0, 1, 2]
 
 
-def test_same_token_in_two_columns_is_two_labels():
-    frame = table(8, compound=["dmso"] * 8, phenotype=["dmso"] * 4 + [""] * 4)
+def test_same_token_in_two_columns_is_two_labels_with_distinct_names():
+    frame = table(8, compound=["dmso"] * 8, phenotype=["dmso"] * 4 + [""] * 4, organism=["yak"] * 8)
     selection, report = assign_weak_labels(frame, min_count=1, take_all_max=10, prelim_max=10)
-    assert rows_of(selection, "dmso", "phenotype") == [0, 1, 2, 3]
-    assert rows_of(selection, "dmso", "compound") == [4, 5, 6, 7]
+    assert rows_of(selection, "dmso [phenotype]", "phenotype") == [0, 1, 2, 3]
+    assert rows_of(selection, "dmso [compound]", "compound") == [4, 5, 6, 7]
+    # A token taken from one column only keeps its bare name.
+    assert set(report.label) == {"dmso [phenotype]", "dmso [compound]", "yak"}
+    assert report.set_index("label").loc["dmso [compound]", "token"] == "dmso"
 
 
 def test_take_all_up_to_the_limit_then_exactly_the_limit():
@@ -286,6 +294,7 @@ def test_empty_and_label_free_tables():
     assert list(selection.columns) == ["idx", "label", "category"] and len(selection) == 0
     assert list(report.columns) == [
         "label",
+        "token",
         "category",
         "n_total",
         "n_available",
@@ -334,14 +343,14 @@ def test_matches_a_slow_reference_on_a_realistic_table(seed):
     )
     position = pd.Series(np.arange(len(meta)), index=meta.idx)
     candidates, holders = reference_candidates(meta, LABEL_COLUMNS, min_count)
-    assert list(zip(report.category, report.label, report.n_total)) == candidates
+    assert list(zip(report.category, report.token, report.n_total)) == candidates
 
     used: set[int] = set()
     seen_outcomes = set()
     for (category, token, n_total), got in zip(candidates, report.itertuples()):
         available = holders[(category, token)] - used
         chosen = set(
-            position[selection.idx[(selection.label == token) & (selection.category == category)]]
+            position[selection.idx[(selection.label.map(bare) == token) & (selection.category == category)]]
         )
         if len(available) < min_count:
             expected, size = "skipped_below_min", 0
@@ -420,6 +429,7 @@ def test_real_bbbc021_metadata():
         report, "dmso", "phenotype"
     )
     assert dmso_compound.order < dmso_moa.order
+    assert (dmso_compound.label, dmso_moa.label) == ("dmso [compound]", "dmso [phenotype]")
     assert dmso_moa.n_available == dmso_moa.n_total - 150
     # Every row holds the organism, cell type and stain tokens: each of those finds every row
     # not used by the labels visited before it.
@@ -432,7 +442,7 @@ def test_real_bbbc021_metadata():
         assert row.n_available == len(meta) - report.n_selected[report.order < row.order].sum()
     held = meta.set_index("idx")
     for idx, label, category in selection.sample(300, random_state=0).itertuples(index=False):
-        assert label in split_tokens(held.at[idx, category])
+        assert bare(label) in split_tokens(held.at[idx, category])
 
 
 # --- the synthetic metadata generator ----------------------------------------------------------
