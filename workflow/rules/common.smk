@@ -1,5 +1,5 @@
 import json
-import math
+import os
 import sys
 from pathlib import Path
 
@@ -8,14 +8,18 @@ sys.path.insert(0, str(Path(workflow.basedir).resolve()))
 from cytopretrain.config import validate_config
 from cytopretrain.download import load_resource, resource_from_config
 
-validate_config(config, Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml")
+validate_config(
+    config, Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml"
+)
 
 SOURCES = config["sources"]
 for _name, _spec in SOURCES.items():
     # Resolve resource YAMLs and inline URLs now, so a broken source stops the run before any job.
     if "synthetic" not in _spec:
         resource_from_config(_name, _spec)
-PRETRAIN_SOURCES = [name for name, spec in SOURCES.items() if spec["role"] == "pretrain"]
+PRETRAIN_SOURCES = [
+    name for name, spec in SOURCES.items() if spec["role"] == "pretrain"
+]
 
 
 wildcard_constraints:
@@ -50,8 +54,12 @@ def get_source_root(wildcards):
 
 def get_merge_inputs(wildcards):
     return {
-        "tables": expand("results/metadata/sources/{source}.parquet", source=PRETRAIN_SOURCES),
-        "issues": expand("results/metadata/sources/{source}.issues.tsv", source=PRETRAIN_SOURCES),
+        "tables": expand(
+            "results/metadata/sources/{source}.parquet", source=PRETRAIN_SOURCES
+        ),
+        "issues": expand(
+            "results/metadata/sources/{source}.issues.tsv", source=PRETRAIN_SOURCES
+        ),
     }
 
 

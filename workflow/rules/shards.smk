@@ -18,7 +18,7 @@ rule write_shards:
     resources:
         mem_mb=4000,
     params:
-        out_dir="results/shards",
+        out_dir=lambda wildcards, output: os.path.dirname(output.index),
         shards=config["shards"],
     script:
         "../../scripts/write_shards.py"
@@ -29,7 +29,9 @@ rule funnel:
         source_issues=expand(
             "results/metadata/sources/{source}.issues.tsv", source=PRETRAIN_SOURCES
         ),
-        tables=expand("results/metadata/sources/{source}.parquet", source=PRETRAIN_SOURCES),
+        tables=expand(
+            "results/metadata/sources/{source}.parquet", source=PRETRAIN_SOURCES
+        ),
         standardize=get_standardize_decisions,
         selection="results/labels/selection.parquet",
         crops=get_crop_reports,

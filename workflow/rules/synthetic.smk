@@ -3,7 +3,9 @@ SYNTHETIC_LAYOUTS = ["bbbc021", "rxrx1", "hpa", "cyclops", "coos7", "synthetic"]
 
 rule generate_synthetic:
     output:
-        archives=expand("results/synthetic/archives/{layout}.zip", layout=SYNTHETIC_LAYOUTS),
+        archives=expand(
+            "results/synthetic/archives/{layout}.zip", layout=SYNTHETIC_LAYOUTS
+        ),
         ground_truth="results/synthetic/ground_truth.csv",
     log:
         "logs/generate_synthetic/generate_synthetic.log",
