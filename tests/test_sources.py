@@ -647,3 +647,28 @@ def test_adapters_read_the_synthetic_layouts(synthetic_collection, layout):
     assert len(incomplete) == len(sites)
     for site in sites:
         assert incomplete.str.contains(site, regex=False).any()
+
+
+# ---------------------------------------------------------------- canonical
+
+
+def test_canonical_table_keeps_rows_and_anchors_relative_paths(tmp_path):
+    from cytopretrain.fake_metadata import make_metadata
+    from cytopretrain.schema import CANONICAL_SCHEMA
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    frame = make_metadata(500, seed=2)
+    frame.at[0, "channel_paths"] = ["rel/a.tif", "/abs/b.tif"]
+    frame.at[0, "channels"] = "a|b"
+    pq.write_table(pa.Table.from_pandas(frame, schema=CANONICAL_SCHEMA, preserve_index=False), tmp_path / "metadata.parquet")
+    table = run_adapter("canonical", tmp_path, "c", {}).table
+    assert len(table) == 500 and list(table["idx"]) == list(frame["idx"])
+    assert table.at[0, "channel_paths"] == [str(tmp_path.resolve() / "rel" / "a.tif"), "/abs/b.tif"]
+    assert table.at[1, "channel_paths"] == list(frame.at[1, "channel_paths"])
+    csv = frame.head(3).assign(channel_paths=lambda f: f["channel_paths"].map(";".join))
+    csv.to_csv(tmp_path / "meta.tsv", sep="\t", index=False)
+    from_tsv = run_adapter("canonical", tmp_path, "c", {"file": "meta.tsv"}).table
+    assert from_tsv.at[0, "channel_paths"] == table.at[0, "channel_paths"]
+    with pytest.raises(SourceError, match=r"sources\.c\.options\.sheet"):
+        run_adapter("canonical", tmp_path, "c", {"sheet": 1})

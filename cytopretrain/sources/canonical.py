@@ -10,8 +10,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from cytopretrain.sources.base import AdapterResult, SourceError, finish, require_file
@@ -25,23 +26,29 @@ def adapt(root: Path, source: str, options: dict) -> AdapterResult:
         raise SourceError(f"sources.{source}.options.{sorted(unknown)[0]}: unknown option for adapter canonical")
     path = require_file(Path(root) / options.get("file", "metadata.parquet"), "canonical metadata table")
     if path.suffix == ".parquet":
-        frame = pq.read_table(path).to_pandas()
+        table = pq.read_table(path)
     elif path.suffix in (".csv", ".tsv"):
         frame = pd.read_csv(path, sep="\t" if path.suffix == ".tsv" else ",", dtype=str, keep_default_na=False)
         if "channel_paths" in frame:
             frame["channel_paths"] = frame["channel_paths"].str.split(";")
+        table = pa.Table.from_pandas(frame, preserve_index=False)
     else:
         raise SourceError(f"{path}: canonical tables must be .parquet, .csv or .tsv")
+    if "channel_paths" in table.column_names:
+        column = table.column_names.index("channel_paths")
+        table = table.set_column(column, "channel_paths", _absolute(table["channel_paths"], Path(root).resolve()))
+    frame = table.to_pandas()
     if "channel_paths" in frame:
-        frame["channel_paths"] = _absolute(frame["channel_paths"], Path(root).resolve())
+        frame["channel_paths"] = frame["channel_paths"].map(list)
     return finish(frame, str(path))
 
 
-def _absolute(paths: pd.Series, root: Path) -> pd.Series:
-    """Prefix relative paths with ``root``, working on the flattened lists at once."""
-    lengths = paths.map(len).to_numpy()
-    flat = pd.Series(np.concatenate([np.asarray(p, dtype=object) for p in paths]) if len(paths) else [], dtype=object)
-    relative = ~flat.map(os.path.isabs).astype(bool)
-    flat[relative] = str(root) + os.sep + flat[relative]
-    bounds = np.cumsum(lengths)[:-1]
-    return pd.Series([list(part) for part in np.split(flat.to_numpy(), bounds)], index=paths.index)
+def _absolute(paths: pa.ChunkedArray, root: Path) -> pa.ChunkedArray:
+    """Prefix relative paths with ``root`` on the flattened Arrow lists, without a Python loop."""
+    chunks = []
+    for chunk in paths.chunks:
+        values = chunk.values.cast(pa.string())
+        prefixed = pc.binary_join_element_wise(pa.scalar(str(root)), values, os.sep)
+        absolute = pc.if_else(pc.starts_with(values, os.sep), values, prefixed)
+        chunks.append(pa.ListArray.from_arrays(chunk.offsets, absolute))
+    return pa.chunked_array(chunks, type=pa.list_(pa.string()))
