@@ -90,3 +90,36 @@ def _check_semantics(config: dict) -> None:
             )
     if not any(spec["role"] == "pretrain" for spec in config["sources"].values()):
         raise ConfigError("config key 'sources': at least one source needs role 'pretrain'")
+    _check_learning(config)
+
+
+def _check_learning(config: dict) -> None:
+    runs = config["training"]["runs"]
+    features = config["features"]
+    models = {*runs, *features["external"]}
+    if features["random_baseline"]:
+        models |= {f"random_{run}" for run in runs}
+    for name in features["external"]:
+        if name in runs or name in features["fusion"]:
+            raise ConfigError(f"config key 'features.external.{name}': the name is already a run or fusion")
+    for name, members in features["fusion"].items():
+        if name in models:
+            raise ConfigError(f"config key 'features.fusion.{name}': the name is already a model")
+        for member in members:
+            if member not in models:
+                raise ConfigError(
+                    f"config key 'features.fusion.{name}': unknown model {member!r} "
+                    f"(models: {', '.join(sorted(models)) or 'none'})"
+                )
+    for name, benchmark in config["benchmarks"].items():
+        source = config["sources"].get(benchmark["source"])
+        if source is None or source["role"] != "benchmark":
+            raise ConfigError(
+                f"config key 'benchmarks.{name}.source': {benchmark['source']!r} is not a source "
+                "with role 'benchmark'"
+            )
+    outlier_run = config["outliers"]["run"]
+    if outlier_run is not None and runs.get(outlier_run, {}).get("method") != "autoencoder":
+        raise ConfigError(
+            f"config key 'outliers.run': {outlier_run!r} is not a training run with method autoencoder"
+        )

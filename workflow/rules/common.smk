@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -93,4 +94,111 @@ def get_final_outputs():
         "results/funnel.tsv",
         "results/metadata/description/summary.png",
         *expand("results/metadata/sources/{source}.parquet", source=SOURCES),
+        *get_learning_outputs(),
     ]
+
+
+# ----------------------------------------------------------------- learning half
+
+RUNS = config["training"]["runs"]
+BENCHMARKS = config["benchmarks"]
+FEATURES = config["features"]
+EXTERNAL_MODELS = FEATURES["external"]
+FUSIONS = FEATURES["fusion"]
+RANDOM_BASELINES = (
+    {f"random_{run}": run for run in RUNS} if FEATURES["random_baseline"] else {}
+)
+EXTRACTED_MODELS = [*RUNS, *RANDOM_BASELINES, *EXTERNAL_MODELS]
+ALL_MODELS = [*EXTRACTED_MODELS, *FUSIONS]
+
+
+def name_pattern(names):
+    """A wildcard constraint matching exactly these names (never matches if empty)."""
+    return "|".join(re.escape(name) for name in names) or "(?!)"
+
+
+def run_settings(run):
+    """Training settings of one run: its config entry minus the scheduling keys."""
+    scheduling = ("threads", "gpus", "processes")
+    return {key: value for key, value in RUNS[run].items() if key not in scheduling}
+
+
+def model_spec(model):
+    """How extract_features builds a model: backbone, channels, weights, input normalization."""
+    if model in RUNS:
+        spec = RUNS[model]
+        return {
+            "backbone": spec["backbone"],
+            "in_channels": spec["in_channels"],
+            "weights": f"results/train/{model}/backbone.pt",
+            "input_norm": None,
+        }
+    if model in RANDOM_BASELINES:
+        spec = RUNS[RANDOM_BASELINES[model]]
+        return {
+            "backbone": spec["backbone"],
+            "in_channels": spec["in_channels"],
+            "weights": None,
+            "input_norm": None,
+            "seed": spec["seed"],
+        }
+    spec = EXTERNAL_MODELS[model]
+    return {
+        "backbone": spec["backbone"],
+        "in_channels": spec["in_channels"],
+        "weights": spec["weights"],
+        "input_norm": None if spec["input_norm"] == "none" else spec["input_norm"],
+    }
+
+
+def get_model_weights(wildcards):
+    weights = model_spec(wildcards.model)["weights"]
+    return [weights] if weights else []
+
+
+def get_benchmark_table(wildcards):
+    source = BENCHMARKS[wildcards.benchmark]["source"]
+    return f"results/metadata/sources/{source}.parquet"
+
+
+def get_fusion_inputs(wildcards):
+    first, second = FUSIONS[wildcards.model]
+    return {
+        "first": f"results/features/{wildcards.benchmark}/{first}.parquet",
+        "second": f"results/features/{wildcards.benchmark}/{second}.parquet",
+    }
+
+
+def get_evaluations(wildcards=None):
+    return expand(
+        "results/eval/{benchmark}/{model}.json", benchmark=BENCHMARKS, model=ALL_MODELS
+    )
+
+
+def get_outlier_inputs(wildcards):
+    run = config["outliers"]["run"]
+    inputs = {
+        "method": f"results/train/{run}/method.pt",
+        "card": f"results/train/{run}/model_card.json",
+        "index": "results/shards/index.tsv",
+        "table": "results/metadata/merged.parquet",
+    }
+    if any("synthetic" in SOURCES[source] for source in PRETRAIN_SOURCES):
+        # The demo's injected defects, to mark the annotation-text tiles among the outliers.
+        inputs["ground_truth"] = "results/synthetic/ground_truth.csv"
+    return inputs
+
+
+def get_training_outputs():
+    return expand("results/train/{run}/model_card.json", run=RUNS)
+
+
+def get_outlier_outputs():
+    return ["results/eval/outliers.tsv"] if config["outliers"]["run"] else []
+
+
+def get_learning_outputs():
+    outputs = [*get_training_outputs(), *get_outlier_outputs()]
+    if BENCHMARKS and ALL_MODELS:
+        outputs += ["results/eval/summary.tsv", "results/report/report.html"]
+    return outputs

@@ -40,7 +40,9 @@ rule funnel:
         excluded="results/shards/excluded.tsv",
         index="results/shards/index.tsv",
     output:
-        funnel="results/funnel.tsv",
+        funnel=report(
+            "results/funnel.tsv", caption="../report/funnel.rst", category="Curation"
+        ),
         quarantine="results/quarantine.tsv",
     log:
         "logs/funnel/funnel.log",

@@ -1,0 +1,39 @@
+"""Rule extract_features: one model's features for every image of one benchmark."""
+
+import torch
+from _workflow import setup_logging
+
+from cytopretrain.features import extract_features_to_parquet, random_init_backbone
+from cytopretrain.models import build_backbone
+from cytopretrain.tables import read_table, write_table
+
+log = setup_logging(snakemake)
+torch.set_num_threads(snakemake.threads)
+spec = snakemake.params.model
+settings = snakemake.params.features
+if spec["weights"]:
+    backbone = build_backbone(spec["backbone"], in_channels=spec["in_channels"], weights=spec["weights"])
+else:
+    backbone = random_init_backbone(spec["backbone"], in_channels=spec["in_channels"], seed=spec["seed"])
+table = read_table(snakemake.input.table)
+failures = extract_features_to_parquet(
+    table,
+    backbone,
+    snakemake.output.profiles,
+    channel_mode=settings["channel_mode"],
+    normalize=settings["normalize"],
+    resize=settings["resize"],
+    batch_size=settings["batch_size"],
+    device=snakemake.params.device,
+    precision=settings["precision"],
+    input_norm=spec["input_norm"],
+    num_workers=settings["num_workers"],
+)
+write_table(failures, snakemake.output.failures)
+log.info(
+    "%s / %s: %d images, %d failed",
+    snakemake.wildcards.benchmark,
+    snakemake.wildcards.model,
+    len(table),
+    len(failures),
+)

@@ -1,0 +1,41 @@
+rule extract_features:
+    input:
+        table=get_benchmark_table,
+        weights=get_model_weights,
+    output:
+        profiles="results/features/{benchmark}/{model}.parquet",
+        failures="results/features/{benchmark}/{model}.failures.tsv",
+    log:
+        "logs/extract_features/{benchmark}/{model}.log",
+    benchmark:
+        "benchmarks/extract_features/{benchmark}/{model}.tsv"
+    conda:
+        "../../envs/training.yaml"
+    wildcard_constraints:
+        model=name_pattern(EXTRACTED_MODELS),
+    threads: 2
+    resources:
+        mem_mb=4000,
+    params:
+        model=lambda wildcards: model_spec(wildcards.model),
+        features=FEATURES,
+        device=config["training"]["device"],
+    script:
+        "../../scripts/extract_features.py"
+
+
+rule fuse_features:
+    input:
+        unpack(get_fusion_inputs),
+    output:
+        profiles="results/features/{benchmark}/{model}.parquet",
+    log:
+        "logs/fuse_features/{benchmark}/{model}.log",
+    benchmark:
+        "benchmarks/fuse_features/{benchmark}/{model}.tsv"
+    conda:
+        "../../envs/training.yaml"
+    wildcard_constraints:
+        model=name_pattern(FUSIONS),
+    script:
+        "../../scripts/fuse_features.py"

@@ -1,0 +1,35 @@
+rule train_pretext:
+    input:
+        index="results/shards/index.tsv",
+        labels="results/shards/labels.tsv",
+    output:
+        backbone="results/train/{run}/backbone.pt",
+        method="results/train/{run}/method.pt",
+        card=report(
+            "results/train/{run}/model_card.json",
+            caption="../report/model_card.rst",
+            category="Training",
+        ),
+        metrics="results/train/{run}/metrics.jsonl",
+    log:
+        "logs/train_pretext/{run}.log",
+    benchmark:
+        "benchmarks/train_pretext/{run}.tsv"
+    conda:
+        "../../envs/training.yaml"
+    wildcard_constraints:
+        run=name_pattern(RUNS),
+    threads: lambda wildcards: RUNS[wildcards.run]["threads"]
+    resources:
+        gpu=lambda wildcards: RUNS[wildcards.run]["gpus"],
+        mem_mb=8000,
+    params:
+        settings=lambda wildcards: run_settings(wildcards.run),
+        device=config["training"]["device"],
+        processes=lambda wildcards: RUNS[wildcards.run]["processes"],
+        # Checkpoints live outside the declared outputs, so a killed job resumes from them.
+        work_dir=lambda wildcards, output: os.path.join(
+            os.path.dirname(output.backbone), "work"
+        ),
+    script:
+        "../../scripts/train_pretext.py"
