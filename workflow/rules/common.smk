@@ -4,13 +4,15 @@ import re
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(workflow.basedir).resolve()))
+# The repository root, also when this workflow is used as a module of another one.
+REPO_ROOT = Path(workflow.current_basedir).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
 
 from cytopretrain.config import validate_config
 from cytopretrain.download import load_resource, resource_from_config
 
 validate_config(
-    config, Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml"
+    config, REPO_ROOT / "workflow" / "schemas" / "config.schema.yaml"
 )
 
 SOURCES = config["sources"]
