@@ -914,3 +914,27 @@ __all__ = [
     "kaggle_credentials_present", "load_resource", "read_manifest", "resource_from_config",
     "safe_extract",
 ]
+
+
+def transport_problem(resource: dict) -> str | None:
+    """What the user must provide before this source can download, or None if nothing.
+
+    Checked without contacting anything, so a dry run can say it up front: Kaggle needs its
+    client and an API token, Aspera needs ``ascp``, manual sources need the user's download.
+    """
+    transport = resource["transport"]
+    if transport == "kaggle":
+        missing = []
+        if shutil.which("kaggle") is None:
+            missing.append("the `kaggle` command is not on PATH")
+        if not kaggle_credentials_present():
+            missing.append("no Kaggle API token was found (~/.kaggle/kaggle.json or KAGGLE_USERNAME/KAGGLE_KEY)")
+        return _kaggle_help(resource, missing) if missing else None
+    if transport == "aspera" and shutil.which("ascp") is None:
+        return (
+            f"source {resource['name']!r} is served over Aspera, but `ascp` is not on PATH: install IBM "
+            f"Aspera Connect or the aspera-cli, or download by hand and set `path:` for sources.{resource['name']}"
+        )
+    if transport == "manual":
+        return f"source {resource['name']!r} must be downloaded by hand: {resource['instructions']}"
+    return None

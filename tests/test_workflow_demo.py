@@ -1,13 +1,15 @@
 """End to end: the README's default run on the embedded synthetic collection.
 
-One run of the whole curation DAG (module-scoped fixture), then checks on what it wrote:
-counts that reconcile across stages, the injected defects quarantined with the right reason,
-shards whose contents agree with the label tables, and a TFRecord re-run read back by an
-independent reader.
+One run of the whole DAG (module-scoped fixture) with the demo config, its training runs
+shortened to a few dozen steps, then checks on what it wrote: counts that reconcile across
+stages, the injected defects quarantined with the right reason, shards whose contents agree
+with the label tables, trained models, evaluations of every benchmark x model x protocol, the
+report, and a TFRecord re-run read back by an independent reader.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -33,10 +35,18 @@ EXPECTED_CATCH = {
 }
 
 
+def test_config() -> dict:
+    """The demo config with short training runs (the README's run trains for minutes)."""
+    config = demo_config()
+    for run in config["training"]["runs"].values():
+        run.update(steps=24, checkpoint_every=12, validate_every=12, log_every=4)
+    return config
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("demo")
-    write_config(workdir, demo_config())
+    write_config(workdir, test_config())
     check(snakemake(workdir, "--cores", "2"))
     return workdir
 
@@ -131,6 +141,63 @@ def test_shards_agree_with_labels_and_split(run):
     assert 0.05 < fraction < 0.2
 
 
+def test_training_runs_wrote_their_artifacts(run):
+    import torch
+
+    for name, settings in test_config()["training"]["runs"].items():
+        folder = run / "results" / "train" / name
+        card = json.loads((folder / "model_card.json").read_text())
+        assert (card["method"], card["backbone"]) == (settings["method"], settings["backbone"])
+        state = torch.load(folder / "backbone.pt", weights_only=True)
+        assert state and all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point())
+        steps = [r["step"] for r in map(json.loads, (folder / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+        assert steps[-1] == settings["steps"] and steps == sorted(set(steps))
+
+
+def test_every_benchmark_model_and_protocol_is_evaluated(run):
+    config = test_config()
+    summary = read_table(run / "results" / "eval" / "summary.tsv")
+    models = [*config["training"]["runs"], *(f"random_{r}" for r in config["training"]["runs"]),
+              *config["features"]["fusion"]]
+    for benchmark, spec in config["benchmarks"].items():
+        for model in models:
+            rows = summary[(summary["benchmark"] == benchmark) & (summary["model"] == model)]
+            assert set(rows["protocol"]) == set(spec["protocols"]), (benchmark, model)
+    values = summary["value"].astype(float)
+    assert ((values >= 0) & (values <= 1)).all()
+    published = summary[summary["protocol"] == "nsc"]["published_cytoimagenet"].astype(float)
+    assert (published == 0.835).all()
+
+
+def test_feature_extraction_accounts_for_every_benchmark_image(run):
+    results = run / "results"
+    truth = pd.read_csv(results / "synthetic" / "ground_truth.csv")
+    for benchmark, spec in test_config()["benchmarks"].items():
+        table = read_table(results / "metadata" / "sources" / f"{spec['source']}.parquet")
+        profiles = pq.read_table(results / "features" / benchmark / "weak_label.parquet").to_pandas()
+        failures = read_table(results / "features" / benchmark / "weak_label.failures.tsv")
+        assert len(profiles) + len(failures) == len(table)
+        assert set(profiles["Metadata_idx"]) | set(failures["idx"]) == set(table["idx"])
+        record = json.loads((results / "eval" / benchmark / "weak_label.json").read_text())
+        assert record["n_profiles"] == len(profiles)
+    # The BBBC021-like set's truncated and zero-byte TIFFs cannot give features.
+    bbbc021 = read_table(results / "features" / "bbbc021_demo" / "weak_label.failures.tsv")
+    broken = truth[(truth["layout"] == "bbbc021") & truth["defect"].isin(["truncated", "empty_file"])]
+    assert set(bbbc021["reason"]) >= {"unreadable", "empty_file"} and len(bbbc021) >= len(broken)
+
+
+def test_outliers_and_report(run):
+    results = run / "results"
+    scores = read_table(results / "eval" / "outliers.tsv")
+    n_crops = load_index(results / "shards")["n_samples"].sum()
+    assert len(scores) == n_crops
+    assert sorted(scores["rank"].astype(int)) == list(range(1, n_crops + 1))
+    html = (results / "report" / "report.html").read_text()
+    assert "http://" not in html and "https://" not in html
+    for heading in ("funnel", "Label distribution", "Training", "Evaluation", "Outlier"):
+        assert heading.lower() in html.lower(), heading
+
+
 def test_second_run_has_nothing_to_do(run):
     result = check(snakemake(run, "-n"))
     assert "Nothing to be done" in result.stdout + result.stderr
@@ -139,7 +206,7 @@ def test_second_run_has_nothing_to_do(run):
 def test_tfrecord_shards_read_back_by_an_independent_reader(run):
     from tfrecord.reader import tfrecord_loader
 
-    config = demo_config()
+    config = test_config()
     config["shards"]["format"] = "tfrecord"
     write_config(run, config)
     try:
@@ -158,4 +225,4 @@ def test_tfrecord_shards_read_back_by_an_independent_reader(run):
             read_table(run / "results" / "shards" / "excluded.tsv")
         )
     finally:
-        write_config(run, demo_config())
+        write_config(run, test_config())

@@ -9,7 +9,7 @@ REPO_ROOT = Path(workflow.current_basedir).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from cytopretrain.config import validate_config
-from cytopretrain.download import load_resource, resource_from_config
+from cytopretrain.download import load_resource, resource_from_config, transport_problem
 
 validate_config(
     config, REPO_ROOT / "workflow" / "schemas" / "config.schema.yaml"
@@ -19,7 +19,9 @@ SOURCES = config["sources"]
 for _name, _spec in SOURCES.items():
     # Resolve resource YAMLs and inline URLs now, so a broken source stops the run before any job.
     if "synthetic" not in _spec:
-        resource_from_config(_name, _spec)
+        _problem = transport_problem(resource_from_config(_name, _spec))
+        if _problem:
+            print(f"NOTE before downloading: {_problem}", file=sys.stderr)
 PRETRAIN_SOURCES = [
     name for name, spec in SOURCES.items() if spec["role"] == "pretrain"
 ]
