@@ -1,0 +1,703 @@
+"""Feature extraction: a backbone's global-average-pooled features for every image of a table.
+
+Input is a canonical table (schema.py) of a benchmark source, one row per image; output is a
+profile table in the pycytominer / copairs convention: ``Metadata_``-prefixed metadata columns
+(METADATA_COLUMNS, from the canonical columns of the same name) followed by float32 feature
+columns. Images that cannot give features go to a failure table (idx, stage, reason, detail):
+profiles + failures = table rows.
+
+Per image (CytoImageNet's four extraction methods are ``channel_mode`` x ``normalize``):
+
+1. Read the channels in their native dtype (imageio.read_channels), (H, W, C).
+2. Map each channel to [0, 1] as float32:
+   - ``normalize=True``: clip((x - p_low) / (p_high - p_low), 0, 1) with p_low, p_high the
+     ``low``-th and ``high``-th percentiles of the channel (np.percentile's linear method,
+     computed by standardize's helpers). A channel with p_low == p_high has no contrast: it
+     becomes zeros in ``concat`` mode and is left out of the mean in ``merge`` mode, as in the
+     standardize stage. An image whose channels are all uniform fails (reason ``uniform``).
+   - ``normalize=False``: the dtype's range maps to [0, 1]: uint8 / 255, uint16 / 65535, other
+     integers (x - min) / (max - min) of the dtype; float images are taken as already in
+     [0, 1] and clipped to it (a float channel with values above 1 saturates).
+   NaN or infinite pixels fail the image (reason ``non_finite``).
+3. ``merge``: the mean of the (non-uniform) channels, one grey image; ``concat``: every
+   channel on its own.
+4. ``resize=N``: each grey image resized to N x N (bilinear, antialiased when shrinking).
+5. Grey images smaller than ``backbone.min_input_size`` on a side are zero-padded (black,
+   centred) up to that size: the padding adds background, which the average pool dilutes.
+6. The grey image is repeated over the backbone's ``in_channels``; ``input_norm="imagenet"``
+   then subtracts the ImageNet mean and divides by its standard deviation per RGB channel
+   (for ImageNet weights; needs a 3-channel backbone).
+
+Features: ``merge`` gives D features per image (``f_<k>``), ``concat`` gives D per channel,
+concatenated in channel order (``f_<channel>_<k>``, names from the table's ``channels``
+column, or c0, c1, ... when it is empty).
+
+Batching. At native resolution images of one (H, W) are batched together: rows are read as a
+stream and sorted into one bucket per shape; a bucket is run through the backbone when it holds
+a batch and every partial bucket at the end. ``batch_size`` counts backbone inputs (grey
+images), so a ``concat`` batch holds batch_size // C images. Reading and normalization run in
+``num_workers`` threads ahead of the model (image decoders and numpy release the GIL), at most
+two batches ahead, so memory is bounded by a few batches.
+
+Devices and precision. ``device="auto"`` is CUDA when available, else the CPU. ``precision``
+"auto" is bf16 autocast on a GPU that supports it and fp32 on the CPU (CPU bf16 is about twice
+as fast on processors with bf16 matrix units and slower elsewhere; ask for it with "bf16").
+The model and batches use the channels_last layout (on the CPU in fp32 too, measured faster,
+except for densenet121). Features are float32 in every case. The backbone runs in eval mode
+under torch.inference_mode; its device, layout and training flag are restored afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator, Literal
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import torch.nn.functional as F
+
+from cytopretrain.imageio import ImageReadError, read_channels
+from cytopretrain.models import Backbone, build_backbone
+from cytopretrain.schema import QUARANTINE_FIELDS, SchemaError
+from cytopretrain.standardize import histogram_percentiles, level_counts, selection_percentiles
+from cytopretrain.tables import atomic_path
+
+STAGE = "extract_features"
+METADATA_PREFIX = "Metadata_"
+FEATURE_PREFIX = "f_"
+CHANNEL_MODES = ("concat", "merge")
+PRECISIONS = ("auto", "fp32", "bf16")
+INPUT_NORMS = (None, "imagenet")
+# Canonical columns carried into the profile table (as Metadata_<column>), in this order.
+METADATA_COLUMNS = (
+    "idx",
+    "name",
+    "phenotype",
+    "compound",
+    "concentration",
+    "sirna",
+    "gene",
+    "cell_type",
+    "plate",
+    "well",
+    "batch",
+    "split",
+    "organism",
+    "channels",
+)
+_FLOAT_METADATA = ("concentration",)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# Below this many pixels np.partition beats a histogram for uint8/uint16 percentiles (measured:
+# 68 x 68 uint16 17 us against 60 us, 224 x 224 uint16 410 us against 120 us).
+_SELECTION_MAX_PIXELS = 1 << 15
+# Backbones that run fp32 on the CPU faster in NCHW than in channels_last (measured here:
+# densenet121 0.7x in channels_last; efficientnet_b0 1.2-2.5x and the ResNets up to 2x faster).
+_NCHW_FP32_ON_CPU = ("densenet121",)
+# Rows per Parquet row group when profiles are streamed to a file.
+_ROWS_PER_GROUP = 2048
+
+ChannelMode = Literal["concat", "merge"]
+
+
+class FeatureInputError(ValueError):
+    """An image gives no features; ``reason`` is "uniform" or "non_finite"."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(reason, detail)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class ExtractionOptions:
+    """Validated options of one extraction run (see extract_features)."""
+
+    channel_mode: ChannelMode = "concat"
+    normalize: bool = True
+    low: float = 0.1
+    high: float = 99.9
+    resize: int | None = None
+    batch_size: int = 32
+    device: str | torch.device = "auto"
+    precision: str = "auto"
+    input_norm: str | None = None
+    expected_channels: int | None = None
+    num_workers: int = 2
+
+    def __post_init__(self) -> None:
+        if self.channel_mode not in CHANNEL_MODES:
+            raise ValueError(f"channel_mode must be one of {CHANNEL_MODES}, got {self.channel_mode!r}")
+        if not 0 <= self.low < self.high <= 100:
+            raise ValueError(f"percentiles must satisfy 0 <= low < high <= 100, got low={self.low}, high={self.high}")
+        if self.resize is not None and (not isinstance(self.resize, int) or self.resize < 1):
+            raise ValueError(f"resize must be None or a positive integer, got {self.resize!r}")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.input_norm not in INPUT_NORMS:
+            raise ValueError(f"input_norm must be None or 'imagenet', got {self.input_norm!r}")
+        if self.expected_channels is not None and (
+            not isinstance(self.expected_channels, int) or self.expected_channels < 1
+        ):
+            raise ValueError(f"expected_channels must be None or a positive integer, got {self.expected_channels!r}")
+        if not isinstance(self.num_workers, int) or self.num_workers < 0:
+            raise ValueError(f"num_workers must be a non-negative integer, got {self.num_workers!r}")
+
+
+# ---------------------------------------------------------------- per image
+
+
+def _channel_percentiles(plane: np.ndarray, low: float, high: float) -> tuple[float, float]:
+    if plane.dtype in (np.uint8, np.uint16) and plane.size > _SELECTION_MAX_PIXELS:
+        return histogram_percentiles(level_counts(plane), low, high)
+    return selection_percentiles(plane, low, high)
+
+
+def _dtype_range(dtype: np.dtype) -> tuple[float, float]:
+    """The values mapped to 0 and 1 without normalization."""
+    if dtype.kind in "ui":
+        info = np.iinfo(dtype)
+        return float(info.min), float(info.max)
+    return 0.0, 1.0
+
+
+def _check_finite(image: np.ndarray) -> None:
+    # min/max propagate NaN and expose +-inf: two reductions find every non-finite pixel.
+    if image.dtype.kind == "f" and not (np.isfinite(image.min()) and np.isfinite(image.max())):
+        bad = int(np.count_nonzero(~np.isfinite(image)))
+        raise FeatureInputError("non_finite", f"{bad} NaN or infinite pixels")
+
+
+def unit_channels(
+    image: np.ndarray, *, normalize: bool = True, low: float = 0.1, high: float = 99.9
+) -> tuple[np.ndarray, np.ndarray]:
+    """An (H, W, C) image as float32 (C, H, W) planes in [0, 1] (step 2 of the module
+    docstring) and a boolean mask (C,) of the channels with contrast (all True without
+    normalization). Raises FeatureInputError ("uniform", "non_finite")."""
+    if image.ndim == 2:
+        image = image[:, :, None]
+    _check_finite(image)
+    n_channels = image.shape[2]
+    lower = np.zeros(n_channels)
+    scale = np.zeros(n_channels)  # 0 maps a uniform channel to zeros
+    active = np.ones(n_channels, bool)
+    for c in range(n_channels):
+        if normalize:
+            low_value, high_value = _channel_percentiles(image[:, :, c], low, high)
+        else:
+            low_value, high_value = _dtype_range(image.dtype)
+        if high_value <= low_value:
+            active[c] = False
+        else:
+            lower[c], scale[c] = low_value, 1.0 / (high_value - low_value)
+    if not active.any():
+        raise FeatureInputError("uniform", f"all {n_channels} channel(s) uniform (p{low} == p{high})")
+    # One pass per operation over all channels. The subtraction runs in float32 for data that
+    # fits it (uint8, uint16, float32) and in float64 for wider data, where a large offset with a
+    # tiny span would not survive float32; its result, within the span, then fits float32.
+    planes = np.empty((n_channels,) + image.shape[:2], np.float32)
+    work = np.result_type(image.dtype, np.float32)
+    np.subtract(image.transpose(2, 0, 1), lower.astype(work)[:, None, None], out=planes, casting="unsafe")
+    np.multiply(planes, scale.astype(np.float32)[:, None, None], out=planes)
+    np.clip(planes, 0.0, 1.0, out=planes)
+    return planes, active
+
+
+def merge_channels(planes: np.ndarray, active: np.ndarray) -> np.ndarray:
+    """(C, H, W) -> (1, H, W): the mean of the channels with contrast."""
+    chosen = planes if active.all() else planes[active]
+    return chosen.mean(axis=0, dtype=np.float32, keepdims=True)
+
+
+def resize_planes(planes: np.ndarray, size: int) -> np.ndarray:
+    """(C, H, W) float32 -> (C, size, size): bilinear, antialiased (torch's interpolate)."""
+    if planes.shape[1:] == (size, size):
+        return planes
+    tensor = torch.from_numpy(planes)[None]
+    resized = F.interpolate(tensor, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    return resized[0].numpy()
+
+
+def pad_planes(planes: np.ndarray, min_size: int) -> np.ndarray:
+    """(C, H, W) zero-padded, centred, to at least min_size on each side."""
+    height, width = planes.shape[1:]
+    if height >= min_size and width >= min_size:
+        return planes
+    out_h, out_w = max(height, min_size), max(width, min_size)
+    top, left = (out_h - height) // 2, (out_w - width) // 2
+    out = np.zeros((planes.shape[0], out_h, out_w), np.float32)
+    out[:, top : top + height, left : left + width] = planes
+    return out
+
+
+# ---------------------------------------------------------------- jobs and batches
+
+
+@dataclass(frozen=True)
+class _Job:
+    position: int  # row number in the input table
+    idx: str
+    paths: tuple[str, ...]
+    expected: int | None  # channel count to check while reading
+
+
+@dataclass
+class _Loaded:
+    position: int
+    inputs: np.ndarray  # (C', H, W) float32 grey images fed to the backbone; C' = 1 in merge mode
+
+
+@dataclass
+class _Failed:
+    position: int
+    idx: str
+    reason: str
+    detail: str
+
+
+def _check_table(table: pd.DataFrame) -> None:
+    missing = [c for c in ("idx", "channel_paths") if c not in table.columns]
+    if missing:
+        raise SchemaError(f"extract_features: table lacks column(s) {missing}")
+    duplicated = table["idx"].duplicated()
+    if duplicated.any():
+        raise SchemaError(f"extract_features: duplicate idx {table.loc[duplicated, 'idx'].iloc[0]!r}")
+
+
+def _channel_names(table: pd.DataFrame) -> list[str]:
+    """The table's one list of channel names ([] if it names none); concat mode needs one."""
+    if "channels" not in table.columns:
+        return []
+    values = {v for v in table["channels"].tolist() if isinstance(v, str) and v}
+    if len(values) > 1:
+        first, second = sorted(values)[:2]
+        raise SchemaError(
+            f"extract_features: concat mode needs one channel list per table, found {first!r} and {second!r}"
+        )
+    return values.pop().split("|") if values else []
+
+
+def _jobs(table: pd.DataFrame, expected: Callable[[str], int | None]) -> Iterator[_Job]:
+    channels = table["channels"].tolist() if "channels" in table.columns else [""] * len(table)
+    for position, (idx, paths, names) in enumerate(
+        zip(table["idx"].tolist(), table["channel_paths"].tolist(), channels)
+    ):
+        if isinstance(paths, (str, bytes)) or not isinstance(paths, Iterable) or len(paths) == 0:
+            raise SchemaError(f"extract_features: idx {idx!r}: channel_paths must be a non-empty list, got {paths!r}")
+        yield _Job(position, str(idx), tuple(str(p) for p in paths), expected(names if isinstance(names, str) else ""))
+
+
+def _load(job: _Job, options: ExtractionOptions, min_size: int) -> _Loaded | _Failed:
+    """Read one image and turn it into the backbone's grey inputs, or say why it cannot."""
+    try:
+        image = read_channels(job.paths, job.expected)
+        planes, active = unit_channels(image, normalize=options.normalize, low=options.low, high=options.high)
+    except ImageReadError as error:
+        return _Failed(job.position, job.idx, error.reason, error.detail)
+    except FeatureInputError as error:
+        return _Failed(job.position, job.idx, error.reason, f"{', '.join(job.paths)}: {error.detail}")
+    if options.channel_mode == "merge":
+        planes = merge_channels(planes, active)
+    if options.resize is not None:
+        planes = resize_planes(planes, options.resize)
+    return _Loaded(job.position, pad_planes(planes, min_size))
+
+
+def _ordered_map(function: Callable, items: Iterable, workers: int, ahead: int) -> Iterator:
+    """function(item) for each item, in input order; with workers > 0 computed in a thread
+    pool at most ``ahead`` items ahead of the consumer (bounded memory, overlap with it)."""
+    if workers == 0:
+        yield from map(function, items)
+        return
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="features-load") as pool:
+        pending: deque = deque()
+        for item in items:
+            pending.append(pool.submit(function, item))
+            if len(pending) >= ahead:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+# ---------------------------------------------------------------- the model side
+
+
+def _resolve_device(device: str | torch.device) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _amp_dtype(device: torch.device, precision: str) -> torch.dtype | None:
+    if precision == "fp32" or (precision == "auto" and device.type == "cpu"):
+        return None
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        if precision == "bf16":
+            raise ValueError(f"precision bf16 requested but {device} does not support bfloat16")
+        return None
+    return torch.bfloat16
+
+
+def _memory_format(module: torch.nn.Module) -> torch.memory_format:
+    """The layout of a module's kernels, read from one whose layouts differ (C > 1, k > 1)."""
+    for weight in module.parameters():
+        if weight.ndim == 4 and weight.shape[1] > 1 and weight.shape[2] * weight.shape[3] > 1:
+            if weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous():
+                return torch.channels_last
+            return torch.contiguous_format
+    return torch.contiguous_format
+
+
+class _Runner:
+    """Runs batches of grey images through the backbone: (B, C', H, W) -> (B, C' * D) float32."""
+
+    def __init__(self, backbone: Backbone, options: ExtractionOptions):
+        if options.input_norm == "imagenet" and backbone.in_channels != 3:
+            raise ValueError(
+                f"input_norm 'imagenet' needs a backbone with 3 input channels, got {backbone.in_channels}"
+            )
+        self.backbone = backbone
+        self.device = _resolve_device(options.device)
+        self.amp_dtype = _amp_dtype(self.device, options.precision)
+        self.channels_last = (
+            self.device.type == "cuda" or self.amp_dtype is not None or backbone.name not in _NCHW_FP32_ON_CPU
+        )
+        self.input_norm = options.input_norm
+        shape = (1, 3, 1, 1)
+        self.mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(shape)
+        self.std = torch.tensor(IMAGENET_STD, device=self.device).view(shape)
+
+    @contextlib.contextmanager
+    def prepared(self) -> Iterator["_Runner"]:
+        """The backbone in eval mode on the device for the run; its state restored after."""
+        backbone = self.backbone
+        was_training = backbone.training
+        original_device = backbone.first_conv.weight.device
+        original_format = _memory_format(backbone)
+        backbone.eval()
+        backbone.to(self.device, memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
+        try:
+            yield self
+        finally:
+            backbone.to(original_device, memory_format=original_format)
+            backbone.train(was_training)
+
+    def __call__(self, inputs: np.ndarray) -> np.ndarray:
+        batch, per_image = inputs.shape[:2]
+        x = torch.from_numpy(inputs).reshape(batch * per_image, 1, *inputs.shape[2:])
+        if self.device.type == "cuda":
+            x = x.pin_memory().to(self.device, non_blocking=True)
+        with torch.inference_mode():
+            if self.backbone.in_channels > 1:
+                x = x.expand(-1, self.backbone.in_channels, -1, -1)
+            if self.input_norm == "imagenet":
+                x = (x - self.mean) / self.std
+            x = x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
+            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                features = self.backbone(x)
+            features = features.float().reshape(batch, -1)
+            return features.cpu().numpy()
+
+
+# ---------------------------------------------------------------- the stream of batches
+
+
+@dataclass
+class _Stream:
+    """Feature batches of a table plus what the run learns along the way."""
+
+    failures: list[_Failed]
+    feature_names: list[str] | None = None  # known once the first image is loaded
+
+
+def _feature_names(mode: str, channel_names: list[str], per_image: int, feature_dim: int) -> list[str]:
+    if mode == "merge":
+        return [f"{FEATURE_PREFIX}{k}" for k in range(feature_dim)]
+    names = channel_names or [f"c{c}" for c in range(per_image)]
+    return [f"{FEATURE_PREFIX}{name}_{k}" for name in names for k in range(feature_dim)]
+
+
+def _batches(
+    table: pd.DataFrame, backbone: Backbone, options: ExtractionOptions, stream: _Stream
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(positions, features) per backbone batch; failures go to ``stream.failures``."""
+    _check_table(table)
+    concat = options.channel_mode == "concat"
+    channel_names = _channel_names(table) if concat else []
+    if concat and channel_names and options.expected_channels not in (None, len(channel_names)):
+        raise SchemaError(
+            f"extract_features: expected_channels={options.expected_channels} but the table names "
+            f"{len(channel_names)} channels {channel_names}"
+        )
+    table_count = options.expected_channels or len(channel_names) or None
+
+    def expected(names: str) -> int | None:
+        # concat needs the one count of the table; merge checks each row against its own names
+        if concat:
+            return table_count
+        return options.expected_channels or (len(names.split("|")) if names else None)
+
+    runner = _Runner(backbone, options)
+    per_batch: int | None = None
+    buckets: dict[tuple[int, ...], list[_Loaded]] = {}
+
+    def run(items: list[_Loaded]) -> tuple[np.ndarray, np.ndarray]:
+        positions = np.fromiter((item.position for item in items), np.int64, len(items))
+        return positions, runner(np.stack([item.inputs for item in items]))
+
+    def load(job: _Job) -> _Loaded | _Failed:
+        return _load(job, options, backbone.min_input_size)
+
+    ahead = 2 * max(1, options.batch_size // (table_count or 1)) + options.num_workers
+    with runner.prepared():
+        for item in _ordered_map(load, _jobs(table, expected), options.num_workers, ahead):
+            if isinstance(item, _Failed):
+                stream.failures.append(item)
+                continue
+            per_image = item.inputs.shape[0]
+            if stream.feature_names is None:
+                # Without channel names a concat run learns the count from its first image.
+                stream.feature_names = _feature_names(
+                    options.channel_mode, channel_names, per_image, backbone.feature_dim
+                )
+                per_batch = max(1, options.batch_size // per_image)
+            elif concat and per_image * backbone.feature_dim != len(stream.feature_names):
+                expected_count = len(stream.feature_names) // backbone.feature_dim
+                stream.failures.append(_Failed(
+                    item.position, table["idx"].iloc[item.position], "wrong_channel_count",
+                    f"{table['channel_paths'].iloc[item.position][0]}: {per_image} channels, "
+                    f"{expected_count} expected (the table's first image)",
+                ))
+                continue
+            bucket = buckets.setdefault(item.inputs.shape, [])
+            bucket.append(item)
+            if len(bucket) >= per_batch:
+                yield run(buckets.pop(item.inputs.shape))
+        for shape in list(buckets):
+            yield run(buckets.pop(shape))
+
+
+# ---------------------------------------------------------------- tables
+
+
+def metadata_frame(table: pd.DataFrame) -> pd.DataFrame:
+    """The Metadata_ columns of a profile table for every row of ``table`` (missing canonical
+    columns become "" or NaN, as schema.conform fills them)."""
+    columns = {}
+    for column in METADATA_COLUMNS:
+        if column in _FLOAT_METADATA:
+            values = table[column] if column in table.columns else pd.Series(np.nan, index=table.index)
+            columns[METADATA_PREFIX + column] = pd.to_numeric(values).astype("float64").to_numpy()
+        else:
+            values = table[column] if column in table.columns else pd.Series("", index=table.index)
+            columns[METADATA_PREFIX + column] = values.astype("string").fillna("").astype(object).to_numpy()
+    return pd.DataFrame(columns)
+
+
+def _profile_frame(meta: pd.DataFrame, positions: np.ndarray, features: np.ndarray, names: list[str]) -> pd.DataFrame:
+    rows = meta.iloc[positions].reset_index(drop=True)
+    return pd.concat([rows, pd.DataFrame(features, columns=names, copy=False)], axis=1)
+
+
+def _failure_frame(failures: list[_Failed]) -> pd.DataFrame:
+    ordered = sorted(failures, key=lambda f: f.position)
+    frame = pd.DataFrame(
+        [(f.idx, STAGE, f.reason, f.detail) for f in ordered], columns=list(QUARANTINE_FIELDS)
+    )
+    return frame.astype(object)
+
+
+def extract_features(
+    table: pd.DataFrame,
+    backbone: Backbone,
+    *,
+    channel_mode: ChannelMode = "concat",
+    normalize: bool = True,
+    low: float = 0.1,
+    high: float = 99.9,
+    resize: int | None = None,
+    batch_size: int = 32,
+    device: str | torch.device = "auto",
+    precision: str = "auto",
+    input_norm: str | None = None,
+    expected_channels: int | None = None,
+    num_workers: int = 2,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Features of every image of ``table`` (see the module docstring), in memory.
+
+    Returns (profiles, failures): profiles has METADATA_COLUMNS as ``Metadata_<column>`` and
+    then the float32 feature columns, one row per image that gave features, in table order;
+    failures has columns idx, stage ("extract_features"), reason, detail, one row per image
+    that did not (reasons: imageio's READ_REASONS, "uniform", "non_finite"). A table whose
+    every image fails gives profiles without feature columns.
+    """
+    options = ExtractionOptions(
+        channel_mode, normalize, low, high, resize, batch_size, device, precision, input_norm,
+        expected_channels, num_workers,
+    )
+    stream = _Stream(failures=[])
+    parts = list(_batches(table, backbone, options, stream))
+    meta = metadata_frame(table)
+    names = stream.feature_names or []
+    positions = np.concatenate([p for p, _ in parts]) if parts else np.zeros(0, np.int64)
+    features = np.concatenate([f for _, f in parts]) if parts else np.zeros((0, len(names)), np.float32)
+    order = np.argsort(positions, kind="stable")
+    return _profile_frame(meta, positions[order], features[order], names), _failure_frame(stream.failures)
+
+
+class _ProfileWriter:
+    """Profile rows appended to one Parquet file in row groups; renamed into place on close."""
+
+    def __init__(self, path: str | os.PathLike):
+        self._atomic = atomic_path(path)
+        self._tmp = self._atomic.__enter__()
+        self._writer: pq.ParquetWriter | None = None
+        self._pending: list[pa.Table] = []
+        self._pending_rows = 0
+
+    def write(self, frame: pd.DataFrame) -> None:
+        self._pending.append(_arrow_profiles(frame))
+        self._pending_rows += len(frame)
+        if self._pending_rows >= _ROWS_PER_GROUP:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        batch = pa.concat_tables(self._pending)
+        if self._writer is None:
+            metadata = [n for n in batch.schema.names if n.startswith(METADATA_PREFIX)]
+            # Dictionaries pay off on repeated metadata strings, never on float features.
+            self._writer = pq.ParquetWriter(self._tmp, batch.schema, compression="zstd", use_dictionary=metadata)
+        self._writer.write_table(batch, row_group_size=len(batch))
+        self._pending, self._pending_rows = [], 0
+
+    def close(self, empty: pd.DataFrame) -> None:
+        """Finish the file; ``empty`` (a zero-row profile frame) gives the schema if nothing was written."""
+        if self._writer is None and not self._pending:
+            self._pending.append(_arrow_profiles(empty))
+        self._flush()
+        self._writer.close()
+        self._atomic.__exit__(None, None, None)
+
+    def abort(self, error: BaseException) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        self._atomic.__exit__(type(error), error, None)
+
+
+def _arrow_profiles(frame: pd.DataFrame) -> pa.Table:
+    return pa.Table.from_pandas(frame, preserve_index=False)
+
+
+def write_profiles(profiles: pd.DataFrame, path: str | os.PathLike) -> None:
+    """Write a profile table to Parquet atomically (float32 features stay float32)."""
+    writer = _ProfileWriter(path)
+    try:
+        for start in range(0, len(profiles), _ROWS_PER_GROUP):
+            writer.write(profiles.iloc[start : start + _ROWS_PER_GROUP])
+    except BaseException as error:
+        writer.abort(error)
+        raise
+    writer.close(profiles.iloc[:0])
+
+
+def extract_features_to_parquet(
+    table: pd.DataFrame, backbone: Backbone, path: str | os.PathLike, **options
+) -> pd.DataFrame:
+    """extract_features streamed to a Parquet profile file; returns the failures.
+
+    Memory is bounded by a row group (2048 profiles) and a few batches, whatever the table's
+    size. Rows appear in the order their batches finish (grouped by image shape), not in
+    table order; Metadata_idx identifies them. Options are those of extract_features.
+    """
+    run_options = ExtractionOptions(**options)
+    stream = _Stream(failures=[])
+    meta = metadata_frame(table)
+    writer = _ProfileWriter(path)
+    try:
+        for positions, features in _batches(table, backbone, run_options, stream):
+            writer.write(_profile_frame(meta, positions, features, stream.feature_names))
+    except BaseException as error:
+        writer.abort(error)
+        raise
+    names = stream.feature_names or []
+    writer.close(_profile_frame(meta, np.zeros(0, np.int64), np.zeros((0, len(names)), np.float32), names))
+    return _failure_frame(stream.failures)
+
+
+# ---------------------------------------------------------------- baselines
+
+
+def random_init_backbone(name: str, in_channels: int = 1, seed: int = 0) -> Backbone:
+    """A backbone with torchvision's random init drawn from ``seed``: the same seed gives the
+    same weights, and the global torch RNG is left untouched."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build_backbone(name, in_channels=in_channels)
+
+
+def _split_columns(profiles: pd.DataFrame) -> tuple[list[str], list[str]]:
+    metadata = [c for c in profiles.columns if str(c).startswith(METADATA_PREFIX)]
+    features = [c for c in profiles.columns if not str(c).startswith(METADATA_PREFIX)]
+    return metadata, features
+
+
+def zscore(features: np.ndarray, block: int = 256) -> np.ndarray:
+    """Columns z-scored with their mean and population standard deviation (StandardScaler),
+    computed in float64 one block of columns at a time; constant columns become 0. float32."""
+    out = np.empty(features.shape, np.float32)
+    for start in range(0, features.shape[1], block):
+        values = features[:, start : start + block].astype(np.float64)
+        mean = values.mean(axis=0)
+        std = values.std(axis=0)
+        centred = values - mean
+        # A column of equal values can show a std of the mean's rounding error (~1e-15 relative);
+        # one float32 step among 10^6 rows still gives ~1e-10.
+        constant = std <= 1e-12 * np.abs(mean)
+        out[:, start : start + block] = np.where(constant, 0.0, centred / np.where(constant, 1.0, std))
+    return out
+
+
+def fuse_profiles(
+    a: pd.DataFrame, b: pd.DataFrame, *, suffixes: tuple[str, str] = ("a", "b")
+) -> pd.DataFrame:
+    """The fusion baseline: two profile tables of the same images, each feature block z-scored
+    over all rows, concatenated side by side (a's features, then b's).
+
+    Rows are aligned on Metadata_idx (b reordered to a's order); the id sets must be equal and
+    unique. Metadata columns are a's. Feature columns become ``<column>_<suffix>``.
+    """
+    key = METADATA_PREFIX + "idx"
+    if len(suffixes) != 2 or suffixes[0] == suffixes[1]:
+        raise ValueError(f"suffixes must be two different strings, got {suffixes!r}")
+    for label, frame in zip(suffixes, (a, b)):
+        if key not in frame.columns:
+            raise SchemaError(f"fuse_profiles: profiles {label!r} lack column {key}")
+        if frame[key].duplicated().any():
+            raise SchemaError(f"fuse_profiles: profiles {label!r} repeat {key} {frame.loc[frame[key].duplicated(), key].iloc[0]!r}")
+    only_a = set(a[key]) - set(b[key])
+    only_b = set(b[key]) - set(a[key])
+    if only_a or only_b:
+        example = sorted(only_a or only_b)[0]
+        raise SchemaError(
+            f"fuse_profiles: the tables hold different images ({len(only_a)} only in {suffixes[0]!r}, "
+            f"{len(only_b)} only in {suffixes[1]!r}, e.g. {example!r})"
+        )
+    metadata, features_a = _split_columns(a)
+    _, features_b = _split_columns(b)
+    b_aligned = b.set_index(key).loc[a[key].to_numpy()]
+    blocks = [
+        pd.DataFrame(zscore(a[features_a].to_numpy()), columns=[f"{c}_{suffixes[0]}" for c in features_a]),
+        pd.DataFrame(zscore(b_aligned[features_b].to_numpy()), columns=[f"{c}_{suffixes[1]}" for c in features_b]),
+    ]
+    return pd.concat([a[metadata].reset_index(drop=True)] + blocks, axis=1)
