@@ -36,8 +36,10 @@ EXPECTED_CATCH = {
 
 
 def test_config() -> dict:
-    """The demo config with short training runs (the README's run trains for minutes)."""
+    """The demo config with smaller fields of view and short training runs (the README's run
+    trains for minutes)."""
     config = demo_config()
+    config["synthetic"]["image_size"] = 160
     for run in config["training"]["runs"].values():
         run.update(steps=24, checkpoint_every=12, validate_every=12, log_every=4)
     return config
@@ -47,7 +49,7 @@ def test_config() -> dict:
 def run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("demo")
     write_config(workdir, test_config())
-    check(snakemake(workdir, "--cores", "2"))
+    check(snakemake(workdir, "--cores", "2", timeout=3000))
     return workdir
 
 

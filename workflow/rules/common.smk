@@ -11,9 +11,7 @@ sys.path.insert(0, str(REPO_ROOT))
 from cytopretrain.config import validate_config
 from cytopretrain.download import load_resource, resource_from_config, transport_problem
 
-validate_config(
-    config, REPO_ROOT / "workflow" / "schemas" / "config.schema.yaml"
-)
+validate_config(config, REPO_ROOT / "workflow" / "schemas" / "config.schema.yaml")
 
 SOURCES = config["sources"]
 for _name, _spec in SOURCES.items():

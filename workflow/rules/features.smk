@@ -9,10 +9,10 @@ rule extract_features:
         "logs/extract_features/{benchmark}/{model}.log",
     benchmark:
         "benchmarks/extract_features/{benchmark}/{model}.tsv"
-    conda:
-        "../../envs/training.yaml"
     wildcard_constraints:
         model=name_pattern(EXTRACTED_MODELS),
+    conda:
+        "../../envs/training.yaml"
     threads: 2
     resources:
         mem_mb=4000,
@@ -33,9 +33,9 @@ rule fuse_features:
         "logs/fuse_features/{benchmark}/{model}.log",
     benchmark:
         "benchmarks/fuse_features/{benchmark}/{model}.tsv"
-    conda:
-        "../../envs/training.yaml"
     wildcard_constraints:
         model=name_pattern(FUSIONS),
+    conda:
+        "../../envs/training.yaml"
     script:
         "../../scripts/fuse_features.py"

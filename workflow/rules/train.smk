@@ -15,10 +15,10 @@ rule train_pretext:
         "logs/train_pretext/{run}.log",
     benchmark:
         "benchmarks/train_pretext/{run}.tsv"
-    conda:
-        "../../envs/training.yaml"
     wildcard_constraints:
         run=name_pattern(RUNS),
+    conda:
+        "../../envs/training.yaml"
     threads: lambda wildcards: RUNS[wildcards.run]["threads"]
     resources:
         gpu=lambda wildcards: RUNS[wildcards.run]["gpus"],
