@@ -2,7 +2,7 @@
 
 Model: efficientnet_b0 (random init; weights do not change the cost), grey input repeated to
 its 3 input channels, ``merge`` mode at native resolution, batch 32, on the CPU in fp32 and in
-bf16 (autocast + channels_last).
+bf16 autocast, in the channels_last layout the pipeline uses.
 
 Image sets:
 - bbbc021_cells: the 599 real single-cell crops in ../shared/data/bbbc021_cells
@@ -17,11 +17,15 @@ For each set and precision, alternating ``--repeat`` times:
   channels and laid out in memory (the work the pipeline cannot avoid).
 The two alternate on chunks of ``--chunk`` images (half that for tiff224), so both see the
 same load from other jobs sharing the machine. Reported per ``num_workers``: images/s of each
-(medians over chunks and repeats) and the ratio pipeline / bare (median of the per-chunk
-ratios, with their range). Target: ratio >= 0.9.
+(medians over chunks and repeats), the ratio pipeline / bare (median of the per-chunk
+ratios, with their range) and the same ratio in process CPU time (bare CPU seconds / pipeline
+CPU seconds: the share of the pipeline's work that is the forward pass, less sensitive to
+other jobs than wall time; with ``--threads 1 --num-workers 0`` it is exact). Target: ratio
+>= 0.9. First, per set, the CPU cost per image of reading, normalizing and the forward pass
+on one thread (thread CPU time, robust to other jobs sharing the machine).
 
-    python benchmarks/bench_features.py [--repeat 2] [--n-tiff 96] [--chunk 100]
-                                        [--num-workers 0 2]
+    python benchmarks/bench_features.py [--repeat 2] [--n-tiff 96] [--chunk 200]
+                                        [--num-workers 0 2] [--threads 1]
 """
 
 from __future__ import annotations
@@ -91,32 +95,64 @@ def bare_batches(table: pd.DataFrame, channels_last: bool) -> list[torch.Tensor]
     for images in by_shape.values():
         for start in range(0, len(images), BATCH_SIZE):
             x = torch.from_numpy(np.stack(images[start : start + BATCH_SIZE])).expand(-1, 3, -1, -1)
-            batches.append(x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format))
+            layout = torch.channels_last if channels_last else torch.contiguous_format
+            batches.append(x.contiguous(memory_format=layout))
     return batches
 
 
-def time_bare(backbone: torch.nn.Module, batches: list[torch.Tensor], bf16: bool) -> float:
+def time_bare(backbone: torch.nn.Module, batches: list[torch.Tensor], bf16: bool) -> tuple[float, float]:
+    """(wall, CPU) seconds of the forward passes alone, in the layout the pipeline uses."""
     backbone.eval()
-    if bf16:
-        backbone.to(memory_format=torch.channels_last)
-    start = time.perf_counter()
+    backbone.to(memory_format=torch.channels_last)
+    start, cpu = time.perf_counter(), time.process_time()
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         for x in batches:
             backbone(x)
-    seconds = time.perf_counter() - start
-    backbone.to(memory_format=torch.contiguous_format)
-    return seconds
+    return time.perf_counter() - start, time.process_time() - cpu
 
 
-def time_pipeline(backbone: torch.nn.Module, table: pd.DataFrame, bf16: bool, num_workers: int) -> float:
-    start = time.perf_counter()
+def time_pipeline(backbone: torch.nn.Module, table: pd.DataFrame, bf16: bool, num_workers: int) -> tuple[float, float]:
+    """(wall, CPU) seconds of extract_features on the table."""
+    start, cpu = time.perf_counter(), time.process_time()
     profiles, failures = extract_features(
         table, backbone, channel_mode="merge", batch_size=BATCH_SIZE, device="cpu",
         precision="bf16" if bf16 else "fp32", num_workers=num_workers,
     )
-    seconds = time.perf_counter() - start
+    seconds = time.perf_counter() - start, time.process_time() - cpu
     assert len(profiles) == len(table) and len(failures) == 0, failures
     return seconds
+
+
+def cost_breakdown(name: str, table: pd.DataFrame) -> None:
+    """CPU milliseconds per image of each step on one thread (thread CPU time, best of 3: robust
+    to other jobs), and the share of the forward pass in a serial run, F / (F + read + normalize)."""
+    backbone = random_init_backbone("efficientnet_b0", in_channels=3, seed=0).eval()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    paths = table["channel_paths"].tolist()
+    images = [read_channels(p) for p in paths]
+    batches = bare_batches(table, channels_last=True)
+    backbone.to(memory_format=torch.channels_last)
+
+    def best_ms(step) -> float:
+        times = []
+        for _ in range(3):
+            start = time.thread_time()
+            step()
+            times.append(time.thread_time() - start)
+        return min(times) / len(table) * 1e3
+
+    read = best_ms(lambda: [read_channels(p) for p in paths])
+    normalize = best_ms(lambda: [merge_channels(*unit_channels(image)) for image in images])
+    parts = [f"read {read:.3f}", f"normalize+merge {normalize:.3f}"]
+    for bf16 in (False, True):
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            backbone(batches[0])
+            forward = best_ms(lambda: [backbone(x) for x in batches])
+        share = forward / (forward + read + normalize)
+        parts.append(f"forward {'bf16' if bf16 else 'fp32'} {forward:.3f} (share {share:.2f})")
+    torch.set_num_threads(threads)
+    print(f"{name:14s} CPU ms per image, one thread: " + ", ".join(parts), flush=True)
 
 
 def chunk_batches(table: pd.DataFrame, size: int, channels_last: bool) -> list[tuple[pd.DataFrame, list[torch.Tensor]]]:
@@ -131,19 +167,21 @@ def run(name: str, table: pd.DataFrame, repeat: int, chunk: int, workers: list[i
         chunks = chunk_batches(table, chunk, channels_last=True)
         time_bare(backbone, chunks[0][1][:1], bf16)  # warm-up: oneDNN primitive creation
         for num_workers in workers:
-            pipeline, bare, ratios = [], [], []
+            pipeline, bare, ratios, cpu_ratios = [], [], [], []
             for _ in range(repeat):
                 for images, batches in chunks:
-                    p = time_pipeline(backbone, images, bf16, num_workers)
-                    b = time_bare(backbone, batches, bf16)
+                    p, p_cpu = time_pipeline(backbone, images, bf16, num_workers)
+                    b, b_cpu = time_bare(backbone, batches, bf16)
                     pipeline.append(len(images) / p)
                     bare.append(len(images) / b)
                     ratios.append(b / p)
+                    cpu_ratios.append(b_cpu / p_cpu)
             print(
-                f"{name:14s} {'bf16' if bf16 else 'fp32'} workers={num_workers}  n={len(table)}  "
-                f"pipeline {statistics.median(pipeline):6.1f} img/s  bare forward {statistics.median(bare):6.1f} img/s  "
-                f"ratio median {statistics.median(ratios):.2f} (range {min(ratios):.2f}-{max(ratios):.2f}, "
-                f"{len(ratios)} pairs)  load average {os.getloadavg()[0]:.1f}",
+                f"{name:14s} {'bf16' if bf16 else 'fp32'} threads={torch.get_num_threads()} workers={num_workers}  "
+                f"n={len(table)}  pipeline {statistics.median(pipeline):6.1f} img/s  "
+                f"bare forward {statistics.median(bare):6.1f} img/s  ratio {statistics.median(ratios):.2f} "
+                f"(range {min(ratios):.2f}-{max(ratios):.2f}, {len(ratios)} pairs)  "
+                f"CPU-time ratio {statistics.median(cpu_ratios):.2f}  load average {os.getloadavg()[0]:.1f}",
                 flush=True,
             )
 
@@ -152,16 +190,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--n-tiff", type=int, default=96)
-    parser.add_argument("--chunk", type=int, default=100, help="images per pipeline / bare pair")
+    parser.add_argument("--chunk", type=int, default=200, help="images per pipeline / bare pair")
     parser.add_argument("--num-workers", type=int, nargs="+", default=[0, 2])
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}")
     if DATA.is_dir():
-        run("bbbc021_cells", bbbc021_cells_table(), args.repeat, args.chunk, args.num_workers)
+        cells = bbbc021_cells_table()
+        cost_breakdown("bbbc021_cells", cells)
+        run("bbbc021_cells", cells, args.repeat, args.chunk, args.num_workers)
     else:
         print(f"skipping bbbc021_cells: {DATA} not found")
     with tempfile.TemporaryDirectory() as folder:
-        run("tiff224", tiff_table(Path(folder), args.n_tiff), args.repeat, args.chunk // 2, args.num_workers)
+        fields = tiff_table(Path(folder), args.n_tiff)
+        cost_breakdown("tiff224", fields.iloc[:32])
+        run("tiff224", fields, args.repeat, args.chunk // 2, args.num_workers)
     print(f"load average at the end {os.getloadavg()[0]:.1f}")
 
 

@@ -34,17 +34,19 @@ column, or c0, c1, ... when it is empty).
 
 Batching. At native resolution images of one (H, W) are batched together: rows are read as a
 stream and sorted into one bucket per shape; a bucket is run through the backbone when it holds
-a batch and every partial bucket at the end. ``batch_size`` counts backbone inputs (grey
-images), so a ``concat`` batch holds batch_size // C images. Reading and normalization run in
-``num_workers`` threads ahead of the model (image decoders and numpy release the GIL), at most
-two batches ahead, so memory is bounded by a few batches.
+a batch, every partial bucket at the end, and the fullest bucket early when more than four
+batches' worth of images wait in part-filled buckets (tables of many different shapes).
+``batch_size`` counts backbone inputs (grey images), so a ``concat`` batch holds
+batch_size // C images. Reading and normalization run in ``num_workers`` threads (0: in the
+calling thread) at most two batches ahead of the model, so memory is bounded by a few batches.
 
 Devices and precision. ``device="auto"`` is CUDA when available, else the CPU. ``precision``
 "auto" is bf16 autocast on a GPU that supports it and fp32 on the CPU (CPU bf16 is about twice
 as fast on processors with bf16 matrix units and slower elsewhere; ask for it with "bf16").
 The model and batches use the channels_last layout (on the CPU in fp32 too, measured faster,
 except for densenet121). Features are float32 in every case. The backbone runs in eval mode
-under torch.inference_mode; its device, layout and training flag are restored afterwards.
+under torch.inference_mode; its device and training flag are restored afterwards, its layout
+is left as the run used it.
 """
 
 from __future__ import annotations
@@ -98,9 +100,12 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # Below this many pixels np.partition beats a histogram for uint8/uint16 percentiles (measured:
 # 68 x 68 uint16 17 us against 60 us, 224 x 224 uint16 410 us against 120 us).
 _SELECTION_MAX_PIXELS = 1 << 15
-# Backbones that run fp32 on the CPU faster in NCHW than in channels_last (measured here:
-# densenet121 0.7x in channels_last; efficientnet_b0 1.2-2.5x and the ResNets up to 2x faster).
+# Backbones that run fp32 on the CPU faster in NCHW than in channels_last (measured on this
+# project's 2-core machines: densenet121 0.7x in channels_last; efficientnet_b0 1.2-2.5x and
+# the ResNets up to 2x faster in channels_last).
 _NCHW_FP32_ON_CPU = ("densenet121",)
+# Batches' worth of images that may wait in part-filled shape buckets (see _Buckets).
+_BUFFERED_BATCHES = 4
 # Rows per Parquet row group when profiles are streamed to a file.
 _ROWS_PER_GROUP = 2048
 
@@ -187,12 +192,15 @@ def unit_channels(
         image = image[:, :, None]
     _check_finite(image)
     n_channels = image.shape[2]
+    # Channel planes contiguous (a no-op for images read one file per channel): the percentile
+    # helpers then need no copy of each plane (measured 10 % faster on 68 x 68 x 3 crops).
+    planes_in = np.ascontiguousarray(image.transpose(2, 0, 1))
     lower = np.zeros(n_channels)
     scale = np.zeros(n_channels)  # 0 maps a uniform channel to zeros
     active = np.ones(n_channels, bool)
     for c in range(n_channels):
         if normalize:
-            low_value, high_value = _channel_percentiles(image[:, :, c], low, high)
+            low_value, high_value = _channel_percentiles(planes_in[c], low, high)
         else:
             low_value, high_value = _dtype_range(image.dtype)
         if high_value <= low_value:
@@ -204,9 +212,9 @@ def unit_channels(
     # One pass per operation over all channels. The subtraction runs in float32 for data that
     # fits it (uint8, uint16, float32) and in float64 for wider data, where a large offset with a
     # tiny span would not survive float32; its result, within the span, then fits float32.
-    planes = np.empty((n_channels,) + image.shape[:2], np.float32)
+    planes = np.empty(planes_in.shape, np.float32)
     work = np.result_type(image.dtype, np.float32)
-    np.subtract(image.transpose(2, 0, 1), lower.astype(work)[:, None, None], out=planes, casting="unsafe")
+    np.subtract(planes_in, lower.astype(work)[:, None, None], out=planes, casting="unsafe")
     np.multiply(planes, scale.astype(np.float32)[:, None, None], out=planes)
     np.clip(planes, 0.0, 1.0, out=planes)
     return planes, active
@@ -312,20 +320,36 @@ def _load(job: _Job, options: ExtractionOptions, min_size: int) -> _Loaded | _Fa
     return _Loaded(job.position, pad_planes(planes, min_size))
 
 
-def _ordered_map(function: Callable, items: Iterable, workers: int, ahead: int) -> Iterator:
-    """function(item) for each item, in input order; with workers > 0 computed in a thread
-    pool at most ``ahead`` items ahead of the consumer (bounded memory, overlap with it)."""
+# Images per task handed to a loading thread: one hand-over (future, lock, thread wake-up) per
+# task instead of per image, which matters for small crops that load in a fraction of a ms.
+_IMAGES_PER_TASK = 8
+
+
+def _ordered_map(function: Callable, items: list, workers: int, ahead: int) -> Iterator:
+    """function(item) for each item, in input order; with workers > 0 computed by a thread pool
+    in tasks of _IMAGES_PER_TASK items, at most about ``ahead`` items ahead of the consumer
+    (bounded memory, overlap with the model).
+
+    Threads rather than DataLoader processes: decoders, file reads and numpy kernels release
+    the GIL, and on this project's 2-core machines worker processes measured 10-15 % slower
+    (one torch thread, 68 px crops): pickling results through a pipe costs more than the
+    GIL hand-overs it avoids."""
     if workers == 0:
         yield from map(function, items)
         return
+
+    def task(start: int) -> list:
+        return [function(item) for item in items[start : start + _IMAGES_PER_TASK]]
+
+    tasks_ahead = max(1, -(-ahead // _IMAGES_PER_TASK))
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="features-load") as pool:
         pending: deque = deque()
-        for item in items:
-            pending.append(pool.submit(function, item))
-            if len(pending) >= ahead:
-                yield pending.popleft().result()
+        for start in range(0, len(items), _IMAGES_PER_TASK):
+            pending.append(pool.submit(task, start))
+            if len(pending) > tasks_ahead:
+                yield from pending.popleft().result()
         while pending:
-            yield pending.popleft().result()
+            yield from pending.popleft().result()
 
 
 # ---------------------------------------------------------------- the model side
@@ -378,18 +402,24 @@ class _Runner:
 
     @contextlib.contextmanager
     def prepared(self) -> Iterator["_Runner"]:
-        """The backbone in eval mode on the device for the run; its state restored after."""
+        """The backbone in eval mode on the device for the run; afterwards back on its device
+        and in its training mode, but left in the run's memory layout (which changes no
+        result): converting a model's layout copies every weight, so repeated runs skip it."""
         backbone = self.backbone
         was_training = backbone.training
         original_device = backbone.first_conv.weight.device
-        original_format = _memory_format(backbone)
-        backbone.eval()
-        backbone.to(self.device, memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
+        layout = torch.channels_last if self.channels_last else torch.contiguous_format
+        if was_training:
+            backbone.eval()
+        if original_device != self.device or _memory_format(backbone) != layout:
+            backbone.to(self.device, memory_format=layout)
         try:
             yield self
         finally:
-            backbone.to(original_device, memory_format=original_format)
-            backbone.train(was_training)
+            if original_device != self.device:
+                backbone.to(original_device)
+            if was_training:
+                backbone.train()
 
     def __call__(self, inputs: np.ndarray) -> np.ndarray:
         batch, per_image = inputs.shape[:2]
@@ -446,9 +476,9 @@ def _batches(
             return table_count
         return options.expected_channels or (len(names.split("|")) if names else None)
 
+    jobs = list(_jobs(table, expected))  # checks every row before any work
     runner = _Runner(backbone, options)
-    per_batch: int | None = None
-    buckets: dict[tuple[int, ...], list[_Loaded]] = {}
+    buckets: _Buckets | None = None
 
     def run(items: list[_Loaded]) -> tuple[np.ndarray, np.ndarray]:
         positions = np.fromiter((item.position for item in items), np.int64, len(items))
@@ -459,7 +489,7 @@ def _batches(
 
     ahead = 2 * max(1, options.batch_size // (table_count or 1)) + options.num_workers
     with runner.prepared():
-        for item in _ordered_map(load, _jobs(table, expected), options.num_workers, ahead):
+        for item in _ordered_map(load, jobs, options.num_workers, ahead):
             if isinstance(item, _Failed):
                 stream.failures.append(item)
                 continue
@@ -469,38 +499,74 @@ def _batches(
                 stream.feature_names = _feature_names(
                     options.channel_mode, channel_names, per_image, backbone.feature_dim
                 )
-                per_batch = max(1, options.batch_size // per_image)
+                buckets = _Buckets(max(1, options.batch_size // per_image))
             elif concat and per_image * backbone.feature_dim != len(stream.feature_names):
-                expected_count = len(stream.feature_names) // backbone.feature_dim
+                job = jobs[item.position]
                 stream.failures.append(_Failed(
-                    item.position, table["idx"].iloc[item.position], "wrong_channel_count",
-                    f"{table['channel_paths'].iloc[item.position][0]}: {per_image} channels, "
-                    f"{expected_count} expected (the table's first image)",
+                    job.position, job.idx, "wrong_channel_count",
+                    f"{job.paths[0]}: {per_image} channels, "
+                    f"{len(stream.feature_names) // backbone.feature_dim} expected (the table's first image)",
                 ))
                 continue
-            bucket = buckets.setdefault(item.inputs.shape, [])
-            bucket.append(item)
-            if len(bucket) >= per_batch:
-                yield run(buckets.pop(item.inputs.shape))
-        for shape in list(buckets):
-            yield run(buckets.pop(shape))
+            ready = buckets.add(item)
+            if ready:
+                yield run(ready)
+        for batch in buckets.drain() if buckets else ():
+            yield run(batch)
+
+
+class _Buckets:
+    """Loaded images grouped by input shape, handed out as batches of one shape.
+
+    A bucket is handed out when it holds a batch. Images of many different shapes (crops of
+    varying size) could otherwise pile up in part-filled buckets: past ``_BUFFERED_BATCHES``
+    batches' worth of buffered images, the fullest bucket is handed out early, so memory
+    stays bounded by a few batches whatever the table holds.
+    """
+
+    def __init__(self, per_batch: int):
+        self.per_batch = per_batch
+        self.by_shape: dict[tuple[int, ...], list[_Loaded]] = {}
+        self.buffered = 0
+
+    def add(self, item: _Loaded) -> list[_Loaded] | None:
+        shape = item.inputs.shape
+        self.by_shape.setdefault(shape, []).append(item)
+        self.buffered += 1
+        if len(self.by_shape[shape]) >= self.per_batch:
+            return self._pop(shape)
+        if self.buffered > _BUFFERED_BATCHES * self.per_batch:
+            return self._pop(max(self.by_shape, key=lambda s: len(self.by_shape[s])))
+        return None
+
+    def drain(self) -> Iterator[list[_Loaded]]:
+        while self.by_shape:
+            yield self._pop(next(iter(self.by_shape)))
+
+    def _pop(self, shape: tuple[int, ...]) -> list[_Loaded]:
+        batch = self.by_shape.pop(shape)
+        self.buffered -= len(batch)
+        return batch
 
 
 # ---------------------------------------------------------------- tables
 
 
 def metadata_frame(table: pd.DataFrame) -> pd.DataFrame:
-    """The Metadata_ columns of a profile table for every row of ``table`` (missing canonical
-    columns become "" or NaN, as schema.conform fills them)."""
+    """The Metadata_ columns of a profile table for every row of ``table``: text as str,
+    concentration as float64; missing canonical columns become "" or NaN, as schema.conform
+    fills them."""
     columns = {}
     for column in METADATA_COLUMNS:
         if column in _FLOAT_METADATA:
-            values = table[column] if column in table.columns else pd.Series(np.nan, index=table.index)
-            columns[METADATA_PREFIX + column] = pd.to_numeric(values).astype("float64").to_numpy()
+            values = pd.to_numeric(table[column]).to_numpy(np.float64) if column in table.columns else np.nan
+        elif column in table.columns:
+            text = table[column].to_numpy(object)
+            values = np.where(pd.isna(text), "", text).astype(str).astype(object)
         else:
-            values = table[column] if column in table.columns else pd.Series("", index=table.index)
-            columns[METADATA_PREFIX + column] = values.astype("string").fillna("").astype(object).to_numpy()
-    return pd.DataFrame(columns)
+            values = ""
+        columns[METADATA_PREFIX + column] = values
+    return pd.DataFrame(columns, index=pd.RangeIndex(len(table)))
 
 
 def _profile_frame(meta: pd.DataFrame, positions: np.ndarray, features: np.ndarray, names: list[str]) -> pd.DataFrame:
@@ -684,7 +750,8 @@ def fuse_profiles(
         if key not in frame.columns:
             raise SchemaError(f"fuse_profiles: profiles {label!r} lack column {key}")
         if frame[key].duplicated().any():
-            raise SchemaError(f"fuse_profiles: profiles {label!r} repeat {key} {frame.loc[frame[key].duplicated(), key].iloc[0]!r}")
+            repeated = frame.loc[frame[key].duplicated(), key].iloc[0]
+            raise SchemaError(f"fuse_profiles: profiles {label!r} repeat {key} {repeated!r}")
     only_a = set(a[key]) - set(b[key])
     only_b = set(b[key]) - set(a[key])
     if only_a or only_b:
