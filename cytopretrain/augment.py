@@ -6,6 +6,11 @@ so a run is reproducible and resumable from the generator's state. Random number
 on the generator's device and moved to the images' device: a CPU generator works for CUDA
 images too, a generator on the images' device avoids the copy.
 
+Data-parallel ranks that each hold one equal part of a global batch run inside
+``batch_part(index, count)``: every draw is then made for the whole global batch and the
+rank keeps its part's slice, so the ranks, starting from the same generator state, apply
+exactly the augmentations one process would apply to the whole batch.
+
 These are the fluorescence versions of the seeds' augmentations (CytoImageNet: rotation
 0-360 degrees; BYOL seed: ColorJitter, RandomGrayscale, horizontal flip, Gaussian blur,
 solarization, RandomResizedCrop):
@@ -25,8 +30,10 @@ zero fill, and intensity changes and noise are clamped.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from typing import Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -40,12 +47,42 @@ def _check_batch(x: Tensor) -> None:
         raise ValueError(f"expected a float (B, C, H, W) tensor, got {x.dtype} of shape {tuple(x.shape)}")
 
 
-def _rand(generator: torch.Generator, shape: tuple[int, ...], device: torch.device) -> Tensor:
-    """Uniform [0, 1) float32 numbers from ``generator``, on ``device``."""
-    return torch.rand(shape, generator=generator, device=generator.device).to(device)
+_BATCH_PART: contextvars.ContextVar[tuple[int, int]] = contextvars.ContextVar("batch_part", default=(0, 1))
+
+
+@contextlib.contextmanager
+def batch_part(index: int, count: int) -> Iterator[None]:
+    """Within the block, batches are part ``index`` of ``count`` equal parts of a global batch
+    (see the module docstring)."""
+    if not 0 <= index < count:
+        raise ValueError(f"batch part {index} of {count} does not exist")
+    token = _BATCH_PART.set((index, count))
+    try:
+        yield
+    finally:
+        _BATCH_PART.reset(token)
+
+
+def draw(
+    sample: Callable[[tuple[int, ...]], Tensor], shape: tuple[int, ...], batch_axis: int, device
+) -> Tensor:
+    """``sample(shape)`` moved to ``device``; inside ``batch_part`` the draw is made for the
+    global batch along ``batch_axis`` and this part's slice is returned."""
+    index, count = _BATCH_PART.get()
+    if count == 1:
+        return sample(tuple(shape)).to(device)
+    local = shape[batch_axis]
+    full = (*shape[:batch_axis], local * count, *shape[batch_axis + 1 :])
+    return sample(full).narrow(batch_axis, index * local, local).to(device)
+
+
+def _rand(generator: torch.Generator, shape: tuple[int, ...], device: torch.device, batch_axis: int = 0) -> Tensor:
+    """Uniform [0, 1) float32 numbers from ``generator``, on ``device`` (batch along ``batch_axis``)."""
+    return draw(lambda size: torch.rand(size, generator=generator, device=generator.device), shape, batch_axis, device)
 
 
 def _uniform(generator: torch.Generator, shape: tuple[int, ...], low: float, high: float, device) -> Tensor:
+    """Uniform [low, high) numbers; the batch runs along the first axis of ``shape``."""
     return low + (high - low) * _rand(generator, shape, device)
 
 
@@ -104,7 +141,7 @@ def random_flips(x: Tensor, generator: torch.Generator, *, p: float = 0.5) -> Te
     """Flip each image left-right with probability ``p`` and, independently, up-down with ``p``."""
     _check_batch(x)
     _probability("p", p)
-    flips = _rand(generator, (2, x.shape[0]), x.device) < p
+    flips = _rand(generator, (2, x.shape[0]), x.device, batch_axis=1) < p
     x = torch.where(flips[0, :, None, None, None], x.flip(-1), x)
     return torch.where(flips[1, :, None, None, None], x.flip(-2), x)
 
@@ -138,7 +175,7 @@ def random_resized_crop(
     if r_lo <= 0.0:
         raise ValueError(f"ratio must be positive, got {tuple(ratio)}")
     batch, _, height, width = x.shape
-    draws = _rand(generator, (3, batch, attempts), x.device).double()
+    draws = _rand(generator, (3, batch, attempts), x.device, batch_axis=1).double()
     area = height * width * (s_lo + (s_hi - s_lo) * draws[0])
     aspect = torch.exp(math.log(r_lo) + (math.log(r_hi) - math.log(r_lo)) * draws[1])
     box_w, box_h = torch.sqrt(area * aspect), torch.sqrt(area / aspect)
@@ -148,7 +185,7 @@ def random_resized_crop(
     any_fit = fits.any(dim=1)
     box_w = torch.where(any_fit, box_w.gather(1, first)[:, 0], fallback_w)
     box_h = torch.where(any_fit, box_h.gather(1, first)[:, 0], fallback_h)
-    position = _rand(generator, (2, batch), x.device).double()
+    position = _rand(generator, (2, batch), x.device, batch_axis=1).double()
     centre_x = box_w / 2 + position[0] * (width - box_w)
     centre_y = box_h / 2 + position[1] * (height - box_h)
     theta = torch.zeros(batch, 2, 3, dtype=torch.float64, device=x.device)
@@ -192,7 +229,7 @@ def random_intensity(
             raise ValueError(f"{name} must be in [0, 1), got {value}")
     g_lo, g_hi = _range("gamma", gamma, 1e-6)
     batch, channels = x.shape[:2]
-    draws = _rand(generator, (4, batch, channels, 1, 1), x.device)
+    draws = _rand(generator, (4, batch, channels, 1, 1), x.device, batch_axis=1)
     gain = 1 + brightness * (2 * draws[0] - 1)
     stretch = 1 + contrast * (2 * draws[1] - 1)
     exponent = g_lo + (g_hi - g_lo) * draws[2]
@@ -216,7 +253,7 @@ def gaussian_blur(
     s_lo, s_hi = _range("sigma", sigma, 1e-6)
     batch, channels, height, width = x.shape
     radius = max(1, min(math.ceil(3 * s_hi), min(height, width) - 1))
-    draws = _rand(generator, (2, batch), x.device)
+    draws = _rand(generator, (2, batch), x.device, batch_axis=1)
     sigmas = s_lo + (s_hi - s_lo) * draws[0]
     offsets = torch.arange(-radius, radius + 1, device=x.device, dtype=torch.float32)
     kernels = torch.exp(-0.5 * (offsets[None, :] / sigmas[:, None]) ** 2)
@@ -234,5 +271,5 @@ def gaussian_noise(x: Tensor, generator: torch.Generator, *, std: Sequence[float
     _check_batch(x)
     s_lo, s_hi = _range("std", std, 0.0)
     scale = _uniform(generator, (x.shape[0], 1, 1, 1), s_lo, s_hi, x.device)
-    noise = torch.randn(x.shape, generator=generator, device=generator.device).to(x.device)
+    noise = draw(lambda size: torch.randn(size, generator=generator, device=generator.device), x.shape, 0, x.device)
     return (x.float() + scale * noise).clamp(0.0, 1.0).to(x.dtype)

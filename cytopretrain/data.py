@@ -17,13 +17,18 @@ One epoch of one rank, step by step (everything is seeded by ``(seed, epoch)``):
    draws from a window of about ``shuffle_buffer`` consecutive samples of its lane.
    L = ``lanes`` (default 12), reduced to one lane per ``shuffle_buffer`` samples of the
    epoch: a small epoch is a single lane, shuffled as a whole.
-5. **Workers.** DataLoader worker ``w`` of ``W`` produces the batches ``b = skip + w + k W``
+5. **Parts.** With ``part=(i, k)`` the stream yields only part ``i`` of ``k`` equal slices of
+   every batch (its samples ``i * batch_size / k`` up to ``(i + 1) * batch_size / k``), and
+   only those are decoded. Data-parallel training gives rank ``i`` of ``k`` part ``i`` of a
+   stream of global batches (``rank=0, world_size=1``), so the ranks together see exactly
+   the batches one process sees, whatever the number of ranks.
+6. **Workers.** DataLoader worker ``w`` of ``W`` produces the batches ``b = skip + w + k W``
    and the DataLoader's round-robin over workers puts them back in order.
 
 Guarantees:
 
 - **Batch composition and order depend only on** ``(shards, split, seed, epoch, batch_size,
-  rank, world_size, drop_last, lanes, shuffle_buffer)``, **not on** ``num_workers``: the
+  rank, world_size, part, drop_last, lanes, shuffle_buffer)``, **not on** ``num_workers``: the
   shuffle is defined on lanes, whose number does not depend on the workers, and workers only
   split the work. When ``num_workers`` divides L each shard row is read by one worker; with
   other counts (and with one lane) workers share lanes: the same batches, but a worker reads
@@ -216,12 +221,19 @@ class ShardStream(IterableDataset):
         epoch: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        part: tuple[int, int] = (0, 1),
         skip_batches: int = 0,
         drop_last: bool = True,
         lanes: int = LANES,
         shuffle_buffer: int = SHUFFLE_BUFFER,
     ) -> None:
         super().__init__()
+        part_index, parts = part
+        if not 0 <= part_index < parts or batch_size % parts or (parts > 1 and not drop_last):
+            raise ValueError(
+                f"part={part} needs 0 <= index < count, a batch_size ({batch_size}) divisible by "
+                "the count, and drop_last (equal parts)"
+            )
         _check_positive(
             batch_size=batch_size,
             image_size=image_size,
@@ -240,6 +252,7 @@ class ShardStream(IterableDataset):
         self.image_size = image_size
         self.in_channels = in_channels
         self.seed, self.epoch, self.rank = seed, epoch, rank
+        self.part_index, self.part_size = part_index, batch_size // parts
         self.shuffle_buffer = shuffle_buffer
 
         shards = split_shards(shards_dir, split)
@@ -271,6 +284,9 @@ class ShardStream(IterableDataset):
         return sizes
 
     def batch_length(self, batch: int) -> int:
+        """Samples this stream yields for ``batch`` (its part of it)."""
+        if self.part_size < self.batch_size:
+            return self.part_size
         return self.last_batch_size if batch == self.n_batches - 1 else self.batch_size
 
     def __len__(self) -> int:
@@ -292,7 +308,8 @@ class ShardStream(IterableDataset):
         size = int(self.lane_sizes[lane])
         rng = epoch_rng(self.seed, self.epoch, 2, self.rank, lane)
         order = bounded_shuffle(size, self.shuffle_buffer, rng)
-        chunks = [order[r * self.batch_size : (r + 1) * self.batch_size] for r in rounds]
+        first = self.part_index * self.part_size
+        chunks = [order[r * self.batch_size :][first : first + self.part_size] for r in rounds]
         needed = np.sort(np.concatenate(chunks))
         rows = self._read(self.lane_segments[lane], needed)
         pending: dict[int, dict] = {}
@@ -434,6 +451,7 @@ def make_loader(
     num_workers: int,
     rank: int = 0,
     world_size: int = 1,
+    part: tuple[int, int] = (0, 1),
     skip_batches: int = 0,
     drop_last: bool | None = None,
     lanes: int = LANES,
@@ -459,6 +477,7 @@ def make_loader(
         epoch=epoch,
         rank=rank,
         world_size=world_size,
+        part=part,
         skip_batches=skip_batches,
         drop_last=split == "train" if drop_last is None else drop_last,
         lanes=lanes,
@@ -466,7 +485,7 @@ def make_loader(
     )
     return DataLoader(
         stream,
-        batch_size=batch_size,
+        batch_size=stream.part_size,
         collate_fn=collate,
         num_workers=num_workers,
         pin_memory=torch.cuda.is_available(),

@@ -402,11 +402,17 @@ class PatchLocation(PretextMethod):
         batch, _, height, width = images.shape
         geometry = self.geometry(height, width)
         device = images.device
-        position = torch.randint(len(POSITIONS), (batch,), generator=generator, device=generator.device).to(device)
+        position = augment.draw(
+            lambda size: torch.randint(len(POSITIONS), size, generator=generator, device=generator.device),
+            (batch,), 0, device,
+        )
         offsets = torch.tensor(_OFFSETS, device=device)[position] * geometry.cell  # (B, 2)
-        shifts = torch.randint(
-            -geometry.jitter, geometry.jitter + 1, (2, batch, 2), generator=generator, device=generator.device
-        ).to(device)
+        shifts = augment.draw(
+            lambda size: torch.randint(
+                -geometry.jitter, geometry.jitter + 1, size, generator=generator, device=generator.device
+            ),
+            (2, batch, 2), 1, device,
+        )
         corner = torch.tensor([geometry.top, geometry.left], device=device)
         centre = _cut_patches(images, corner + shifts[0], geometry.patch)
         neighbour = _cut_patches(images, corner + offsets + shifts[1], geometry.patch)

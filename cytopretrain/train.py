@@ -74,9 +74,25 @@ same machine and thread count. On CUDA the same holds up to non-deterministic ke
 ``deterministic`` is set, which calls ``torch.use_deterministic_algorithms(True)``.
 
 Distributed data parallel: under torchrun (``WORLD_SIZE`` > 1 in the environment, or
-``distributed=True``) the loop joins the process group (NCCL on CUDA, gloo on the CPU),
-wraps the method in DistributedDataParallel, gives every rank its own shards and random
-streams, and only rank 0 writes files.
+``distributed=True``; ``cytopretrain.distributed.launch`` starts it) the loop joins the
+process group (NCCL on CUDA, gloo on the CPU) and wraps the method in
+DistributedDataParallel; only rank 0 writes files. It is built so that R ranks of
+``batch_size`` B compute what one process of batch R x B computes:
+
+- data: every rank follows the one-process stream of global batches of R x B and decodes
+  only its part (``cytopretrain.data``, "Parts");
+- augmentations: the ranks share one augmentation generator and draw for the global batch,
+  each keeping its slice (``cytopretrain.augment.batch_part``);
+- batch norm: statistics over the global batch (``cytopretrain.distributed``);
+- gradients: each rank's loss is the mean over its part and DDP averages the gradients,
+  which is the gradient of the mean over the global batch.
+
+So the logged loss and the final weights equal those of the one-process run up to float
+rounding (tested with 2 gloo processes). Two things stay per rank: validation, where each
+rank takes its own validation shards (means summed over ranks, so every sample counts
+once), and torch's global random stream, which only stochastic depth and dropout use
+(EfficientNet and DenseNet backbones); with those layers runs agree in distribution, not
+number for number.
 """
 
 from __future__ import annotations
@@ -100,7 +116,8 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from . import data
+from . import augment, data
+from .distributed import convert_batchnorm
 from .models import save_backbone, build_backbone
 from .pretext import PretextMethod, build_method, method_options
 from .shards import load_index, load_labels
@@ -537,9 +554,8 @@ class Trainer:
         self.n_samples = index.groupby("split")["n_samples"].sum().to_dict()
         self.n_classes = len(load_labels(shards_dir))
         self.has_validation = self.n_samples.get("validation", 0) > 0
-        self.epoch_batches = data.epoch_length(
-            shards_dir, "train", settings["batch_size"], runtime.world_size
-        )
+        self.global_batch = settings["batch_size"] * runtime.world_size
+        self.epoch_batches = data.epoch_length(shards_dir, "train", self.global_batch)
         if self.epoch_batches == 0:
             raise ValueError(
                 f"{shards_dir}: the train split cannot fill one batch of {settings['batch_size']} "
@@ -547,7 +563,10 @@ class Trainer:
             )
 
         torch.manual_seed(settings["seed"])  # same initial weights on every rank
-        self.method = build_model(settings, self.n_classes).to(runtime.device)
+        self.method = build_model(settings, self.n_classes)
+        if runtime.world_size > 1:
+            self.method = convert_batchnorm(self.method, runtime.device.type)
+        self.method = self.method.to(runtime.device)
         if runtime.channels_last:
             self.method = self.method.to(memory_format=torch.channels_last)
         self.optimizer = build_optimizer(self.method, settings)
@@ -559,7 +578,8 @@ class Trainer:
             self.step_module = nn.parallel.DistributedDataParallel(self.step_module, device_ids=ids)
         seed_everything(settings["seed"], runtime.rank)
         self.generator = torch.Generator(device=runtime.device)
-        self.generator.manual_seed(_derive_seed(settings["seed"], "augment", runtime.rank))
+        # One augmentation stream shared by all ranks: each draws for the global batch.
+        self.generator.manual_seed(_derive_seed(settings["seed"], "augment", 0))
         self.progress = Progress()
         self.interval = Interval()
         self.last_record: dict = {}
@@ -611,7 +631,12 @@ class Trainer:
     # ---------------------------------------------------------------- steps
 
     def loader(self, split: str, epoch: int, skip: int = 0, batch_size: int | None = None):
-        s = self.settings
+        """Training: this rank's part of the global batches; validation: its own shards."""
+        s, rank, world_size = self.settings, self.runtime.rank, self.runtime.world_size
+        if split == "train":
+            batch_size, placement = self.global_batch, {"part": (rank, world_size)}
+        else:
+            placement = {"rank": rank, "world_size": world_size}
         return data.make_loader(
             self.shards_dir,
             split,
@@ -621,9 +646,8 @@ class Trainer:
             seed=s["seed"],
             epoch=epoch,
             num_workers=s["num_workers"],
-            rank=self.runtime.rank,
-            world_size=self.runtime.world_size,
             skip_batches=skip,
+            **placement,
         )
 
     def _inputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -635,7 +659,7 @@ class Trainer:
     def train_step(self, batch: dict) -> dict[str, float]:
         self.method.train()
         images, labels = self._inputs(batch)
-        with self.runtime.autocast():
+        with self.runtime.autocast(), augment.batch_part(self.runtime.rank, self.runtime.world_size):
             loss, metrics = self.step_module(images, labels, self.generator)
         if not math.isfinite(metrics["loss"]):
             raise FloatingPointError(f"non-finite loss {metrics['loss']} at step {self.progress.step + 1}")
@@ -884,3 +908,26 @@ def _agreed_checkpoint(out_dir: Path, runtime: Runtime) -> dict | None:
     if choice[0] is None:
         return None
     return torch.load(checkpoint_path(out_dir, choice[0]), map_location="cpu", weights_only=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line of one rank under torchrun (see ``cytopretrain.distributed.launch``)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m cytopretrain.train", description=main.__doc__)
+    parser.add_argument("settings", type=Path, help="JSON file of training settings")
+    parser.add_argument("shards_dir", type=Path)
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--no-resume", dest="resume", action="store_false")
+    parser.add_argument("--result", type=Path, help="rank 0 writes the result dict here as JSON")
+    args = parser.parse_args(argv)
+    result = train(json.loads(args.settings.read_text()), args.shards_dir, args.out_dir,
+                   device=args.device, resume=args.resume)
+    if args.result and int(os.environ.get("RANK", "0")) == 0:
+        with atomic_path(args.result) as tmp:
+            tmp.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

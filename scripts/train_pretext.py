@@ -6,19 +6,26 @@ from pathlib import Path
 import torch
 from _workflow import setup_logging
 
+from cytopretrain.distributed import launch
 from cytopretrain.train import train
 
 log = setup_logging(snakemake)
-torch.set_num_threads(snakemake.threads)
 work_dir = Path(snakemake.params.work_dir)
 settings = dict(snakemake.params.settings, progress=False)
-result = train(
-    settings,
-    Path(snakemake.input.index).parent,
-    work_dir,
-    device=snakemake.params.device,
-    resume=True,
-)
+shards_dir = Path(snakemake.input.index).parent
+processes = snakemake.params.processes
+if processes > 1:  # torchrun: DistributedDataParallel over `processes` ranks on this node
+    result = launch(
+        settings,
+        shards_dir,
+        work_dir,
+        processes=processes,
+        device=snakemake.params.device,
+        threads=snakemake.threads,
+    )
+else:
+    torch.set_num_threads(snakemake.threads)
+    result = train(settings, shards_dir, work_dir, device=snakemake.params.device, resume=True)
 if not result["finished"]:
     raise RuntimeError(f"training stopped at step {result['step']} of {settings['steps']}")
 # The declared outputs are copied last, so a killed job leaves only checkpoints behind.
