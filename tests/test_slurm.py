@@ -58,19 +58,26 @@ def profile_memory(rules: list[str]) -> int:
     return max(requests)
 
 
+def no_cluster(reason: str) -> None:
+    """Skip, unless CI started a cluster (CYTOPRETRAIN_REQUIRE_SLURM=1): then it is a failure."""
+    if os.environ.get("CYTOPRETRAIN_REQUIRE_SLURM") == "1":
+        pytest.fail(f"CI started a SLURM cluster, but {reason}")
+    pytest.skip(reason)
+
+
 @pytest.fixture(scope="module")
 def partition() -> str:
     """The cluster's default partition, once its node is ready for jobs."""
     nodes = sinfo("--format=%P %t %m")
     if not nodes:
-        pytest.skip("no SLURM cluster answers `sinfo` (start one with `.ci/slurm.sh start`)")
+        no_cluster("no SLURM cluster answers `sinfo` (start one with `.ci/slurm.sh start`)")
     rows = [line.split() for line in nodes.splitlines()]
     ready = [(name, int(memory)) for name, state, memory in rows if name.endswith("*") and state in ("idle", "mix")]
     if not ready:
-        pytest.skip(f"SLURM answers but has no idle node in a default partition:\n{nodes}")
+        no_cluster(f"SLURM answers but has no idle node in a default partition:\n{nodes}")
     name, memory = ready[0]
     if memory < profile_memory(CURATION_RULES):
-        pytest.skip(f"the SLURM node has {memory} MB, less than profiles/slurm asks for the curation rules")
+        no_cluster(f"the SLURM node has {memory} MB, less than profiles/slurm asks for the curation rules")
     return name.rstrip("*")
 
 
