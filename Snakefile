@@ -3,7 +3,11 @@
 # Table of contents; each stage lives in workflow/rules/<stage>.smk.
 
 
-configfile: "config/config.yaml"
+# The demo config, unless the command line names one: experiment configs are complete on their
+# own, and merged into the demo they would inherit its sources, training runs and benchmarks.
+if not workflow.overwrite_configfiles:
+
+    configfile: "config/config.yaml"
 
 
 include: "workflow/rules/common.smk"
@@ -17,6 +21,7 @@ include: "workflow/rules/shards.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/features.smk"
 include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/well_profiles.smk"
 include: "workflow/rules/report.smk"
 
 

@@ -14,6 +14,13 @@ import yaml
 SCHEMA_PATH = Path(__file__).resolve().parents[1] / "workflow" / "schemas" / "config.schema.yaml"
 
 
+# Table formats a well_profiles file may have, by file-name ending (cytopretrain.well_profiles
+# reads them); checked here so a wrong file stops the run before any job.
+TABLE_SUFFIXES = (".csv", ".csv.gz", ".tsv", ".tsv.gz", ".parquet")
+# results/eval/well_profiles/ holds the well_profiles results, so no benchmark may take the name.
+WELL_PROFILES_DIR = "well_profiles"
+
+
 class ConfigError(ValueError):
     """The config is invalid; the message starts with the offending key."""
 
@@ -41,6 +48,11 @@ def _describe(error: jsonschema.ValidationError) -> str:
         return (
             f"config key 'sources.{_key(list(error.path)[1:])}': give exactly one of "
             "resource, url, urls, synthetic, path"
+        )
+    if error.validator == "oneOf" and error.path and error.path[0] == "well_profiles":
+        return (
+            f"config key '{_key(error.path)}': give a file path or {{source: <source name>, "
+            "file: <path inside its folder>}"
         )
     if error.validator == "additionalProperties" and isinstance(error.instance, dict):
         allowed = set(error.schema.get("properties", {}))
@@ -84,16 +96,29 @@ def _check_semantics(config: dict) -> None:
             f"size matches a rule, got {thresholds}"
         )
     for name, spec in config["sources"].items():
-        if "adapter" not in spec and "resource" not in spec:
+        # Files sources are only downloaded: no adapter reads them.
+        if "adapter" not in spec and "resource" not in spec and spec["role"] != "files":
             raise ConfigError(
                 f"config key 'sources.{name}.adapter': required unless a resource YAML names it"
             )
-    if not any(spec["role"] == "pretrain" for spec in config["sources"].values()):
-        raise ConfigError("config key 'sources': at least one source needs role 'pretrain'")
-    _check_learning(config)
+    models = _check_learning(config)
+    _check_well_profiles(config, models)
+    # Curation only runs for pretrain sources, so a config without them must evaluate something.
+    has_pretrain = any(spec["role"] == "pretrain" for spec in config["sources"].values())
+    if config["training"]["runs"] and not has_pretrain:
+        raise ConfigError(
+            "config key 'sources': training.runs train on the curated set, so at least one source "
+            "needs role 'pretrain'"
+        )
+    if not has_pretrain and not config["well_profiles"] and not (config["benchmarks"] and models):
+        raise ConfigError(
+            "config key 'sources': nothing to do: no source has role 'pretrain', no benchmark has a "
+            "model (training.runs or features.external) and well_profiles is empty"
+        )
 
 
-def _check_learning(config: dict) -> None:
+def _check_learning(config: dict) -> set[str]:
+    """Check runs, features, benchmarks and outliers; return the names of the evaluated models."""
     runs = config["training"]["runs"]
     features = config["features"]
     models = {*runs, *features["external"]}
@@ -112,6 +137,11 @@ def _check_learning(config: dict) -> None:
                     f"(models: {', '.join(sorted(models)) or 'none'})"
                 )
     for name, benchmark in config["benchmarks"].items():
+        if name == WELL_PROFILES_DIR:
+            raise ConfigError(
+                f"config key 'benchmarks.{name}': the name is reserved for the well_profiles results "
+                f"(results/eval/{WELL_PROFILES_DIR}/)"
+            )
         source = config["sources"].get(benchmark["source"])
         if source is None or source["role"] != "benchmark":
             raise ConfigError(
@@ -123,3 +153,47 @@ def _check_learning(config: dict) -> None:
         raise ConfigError(
             f"config key 'outliers.run': {outlier_run!r} is not a training run with method autoencoder"
         )
+    return models | set(features["fusion"])
+
+
+def _check_well_profiles(config: dict, models: set[str]) -> None:
+    """Names, table files and the sources they come from; every files source must be read."""
+    sources = config["sources"]
+    read_from = set()
+    for name, spec in config["well_profiles"].items():
+        if name in models:
+            raise ConfigError(
+                f"config key 'well_profiles.{name}': the name is already a model; both would be "
+                f"rows bbbc021 / {name} of summary.tsv"
+            )
+        if spec["plate_col"] == spec["well_col"]:
+            raise ConfigError(
+                f"config key 'well_profiles.{name}.well_col': {spec['well_col']!r} is also plate_col"
+            )
+        for key in ("path", "image_csv", "moa_csv"):
+            where, file = f"well_profiles.{name}.{key}", spec[key]
+            if isinstance(file, dict):
+                if file["source"] not in sources:
+                    raise ConfigError(
+                        f"config key '{where}.source': {file['source']!r} is not a source "
+                        f"(sources: {', '.join(sorted(sources)) or 'none'})"
+                    )
+                read_from.add(file["source"])
+                where, file = f"{where}.file", file["file"]
+                parts = Path(file).parts
+                if Path(file).is_absolute() or ".." in parts:
+                    raise ConfigError(
+                        f"config key '{where}': {file!r} must be a relative path inside the "
+                        "source's folder, without '..'"
+                    )
+            if not file.lower().endswith(TABLE_SUFFIXES):
+                raise ConfigError(
+                    f"config key '{where}': {file!r} is not a table this reads "
+                    f"({', '.join(TABLE_SUFFIXES)})"
+                )
+    for name, spec in sources.items():
+        if spec["role"] == "files" and name not in read_from:
+            raise ConfigError(
+                f"config key 'sources.{name}.role': a 'files' source is only downloaded for "
+                "well_profiles, and no well_profiles entry reads from it"
+            )

@@ -1,6 +1,7 @@
 """Every experiment config plans (dry run) with the real source URLs, and says up front what a
 source needs from the user (Kaggle token, Aspera client, a manual download)."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -40,3 +41,15 @@ def test_cytoimagenet_experiment_uses_the_published_settings():
         "weak_label", "efficientnet_b0", 224, 64, 0.001
     )
     assert {b["published"] for b in config["benchmarks"].values()} == {"bbbc021_nsc", "coos7", "cyclops"}
+
+
+def test_bbbc021_profiles_experiment_plans_only_its_evaluation(tmp_path):
+    # As from the repository root, where the Snakefile's demo config exists: a config named on
+    # the command line replaces it, so no demo source, training run or benchmark joins the plan.
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "config.yaml").write_text((REPO / "config" / "config.yaml").read_text())
+    (tmp_path / "config.yaml").write_text((REPO / "config" / "experiments" / "bbbc021_profiles.yaml").read_text())
+    plan = check(snakemake(tmp_path, "-n", "--quiet", "rules"))
+    counts = dict(re.findall(r"^(\w+)\s+(\d+)$", plan.stdout + plan.stderr, flags=re.MULTILINE))
+    assert counts == {"download": "2", "evaluate_well_profiles": "2", "summarize_evaluation": "1", "all": "1",
+                      "total": "6"}

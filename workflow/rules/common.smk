@@ -23,6 +23,8 @@ for _name, _spec in SOURCES.items():
 PRETRAIN_SOURCES = [
     name for name, spec in SOURCES.items() if spec["role"] == "pretrain"
 ]
+# Files sources are only downloaded (for well_profiles); every other source is cleaned.
+CLEANED_SOURCES = [name for name, spec in SOURCES.items() if spec["role"] != "files"]
 
 
 wildcard_constraints:
@@ -90,12 +92,22 @@ def get_qc_crops(wildcards):
     return expand("results/qc/chunk-{chunk}.parquet", chunk=chunk_ids())
 
 
-def get_final_outputs():
+def get_curation_outputs():
+    """The curated training set and its accounts, only when some source feeds it."""
+    if not PRETRAIN_SOURCES:
+        return []
     return [
         "results/shards/index.tsv",
         "results/funnel.tsv",
         "results/metadata/description/summary.png",
-        *expand("results/metadata/sources/{source}.parquet", source=SOURCES),
+    ]
+
+
+def get_final_outputs():
+    """What the config asks for: curation, cleaned sources, training and evaluations."""
+    return [
+        *get_curation_outputs(),
+        *expand("results/metadata/sources/{source}.parquet", source=CLEANED_SOURCES),
         *get_learning_outputs(),
     ]
 
@@ -199,8 +211,65 @@ def get_outlier_outputs():
     return ["results/eval/outliers.tsv"] if config["outliers"]["run"] else []
 
 
+def get_summary_inputs(wildcards=None):
+    """Every result summary.tsv tabulates: benchmark x model, then the well-profile tables."""
+    return [*get_evaluations(), *get_well_profile_results()]
+
+
 def get_learning_outputs():
     outputs = [*get_training_outputs(), *get_outlier_outputs()]
-    if BENCHMARKS and ALL_MODELS:
-        outputs += ["results/eval/summary.tsv", "results/report/report.html"]
+    if get_summary_inputs():
+        outputs.append("results/eval/summary.tsv")
+        # The report opens with the curated set (funnel, labels, shards): none without one.
+        if PRETRAIN_SOURCES:
+            outputs.append("results/report/report.html")
     return outputs
+
+
+# ------------------------------------------------ precomputed per-well profiles (BBBC021)
+
+WELL_PROFILES = config["well_profiles"]
+# The tables of a well_profiles entry, and what the user provides when one is a local path.
+WELL_PROFILE_TABLES = {
+    "path": "the per-well profile table (one row per plate and well, e.g. CellProfiler per-well means)",
+    "image_csv": "BBBC021_v1_image.csv from https://data.broadinstitute.org/bbbc/BBBC021/",
+    "moa_csv": "BBBC021_v1_moa.csv from https://data.broadinstitute.org/bbbc/BBBC021/",
+}
+for _name, _spec in WELL_PROFILES.items():
+    # Not an error here: another workflow using this one as a module may produce the file.
+    for _key, _what in WELL_PROFILE_TABLES.items():
+        if isinstance(_spec[_key], str) and not os.path.exists(_spec[_key]):
+            print(
+                f"NOTE: config key 'well_profiles.{_name}.{_key}': {_spec[_key]} does not exist; "
+                f"provide {_what} there, or {{source: <name>, file: <path>}} to download it",
+                file=sys.stderr,
+            )
+
+
+def well_profile_file(table):
+    """Path of a well_profiles table: as given, or inside the folder of the source it names."""
+    if isinstance(table, dict):
+        return os.path.join(source_root(table["source"]), table["file"])
+    return table
+
+
+def get_well_profile_inputs(wildcards):
+    """What the job waits for: each local table, or the folder of the source holding it."""
+    spec = WELL_PROFILES[wildcards.name]
+    return {
+        key: (
+            source_root(spec[key]["source"])
+            if isinstance(spec[key], dict)
+            else spec[key]
+        )
+        for key in WELL_PROFILE_TABLES
+    }
+
+
+def get_well_profile_files(wildcards):
+    spec = WELL_PROFILES[wildcards.name]
+    return {key: well_profile_file(spec[key]) for key in WELL_PROFILE_TABLES}
+
+
+def get_well_profile_results(wildcards=None):
+    return expand("results/eval/well_profiles/{name}.json", name=WELL_PROFILES)

@@ -8,6 +8,9 @@ rule evaluate:
         "logs/evaluate/{benchmark}/{model}.log",
     benchmark:
         "benchmarks/evaluate/{benchmark}/{model}.tsv"
+    wildcard_constraints:
+        # results/eval/well_profiles/ belongs to rule evaluate_well_profiles.
+        benchmark=name_pattern(BENCHMARKS),
     conda:
         "../../envs/training.yaml"
     threads: 2
@@ -19,7 +22,7 @@ rule evaluate:
 
 rule summarize_evaluation:
     input:
-        get_evaluations,
+        get_summary_inputs,
     output:
         summary=report(
             "results/eval/summary.tsv",

@@ -1,0 +1,95 @@
+"""Precomputed per-well profiles (e.g. CellProfiler means) on the BBBC021 NSC / NSCB protocols.
+
+A ``well_profiles.<name>`` config entry names three tables: the per-well profiles (``path``,
+keyed by ``plate_col`` and ``well_col``), BBBC021_v1_image.csv and BBBC021_v1_moa.csv. This
+module reads them (CSV or TSV, optionally gzipped, or Parquet, by file-name ending), runs
+:func:`cytopretrain.evaluate.bbbc021_from_well_profiles` and returns the record written to
+``results/eval/well_profiles/<name>.json``. The record has the shape of the benchmark
+evaluations (benchmark, model, published, label, n_profiles, results) with benchmark
+``bbbc021`` and model ``<name>``, so summary.tsv lists the profiles beside CNN features on
+BBBC021 and CytoImageNet's published figures. Every error names the config key and the file.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pandas as pd
+
+from cytopretrain.config import TABLE_SUFFIXES
+from cytopretrain.evaluate import EvaluationError, bbbc021_from_well_profiles
+
+BENCHMARK = "bbbc021"
+# Row of cytopretrain.summary.PUBLISHED printed beside the NSC result (the preprint has no NSCB).
+PUBLISHED = "bbbc021_nsc"
+TABLES = ("path", "image_csv", "moa_csv")
+# bbbc021_from_well_profiles starts its errors with the name of the table at fault.
+ERROR_PREFIXES = {"well_table": "path", "image_csv": "image_csv", "moa_csv": "moa_csv"}
+
+
+class WellProfileError(ValueError):
+    """A well_profiles table cannot be evaluated; the message starts with the config key."""
+
+
+def read_table(path: str | os.PathLike, key: str) -> pd.DataFrame:
+    """One table, its format from the file-name ending; ``key`` is the config key naming it."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise WellProfileError(f"{key}: file not found: {path}")
+    lower = path.lower()
+    if not lower.endswith(TABLE_SUFFIXES):
+        raise WellProfileError(f"{key}: {path} is not a table this reads ({', '.join(TABLE_SUFFIXES)})")
+    if lower.endswith(".parquet"):
+        return pd.read_parquet(path)
+    return pd.read_csv(path, sep="\t" if lower.endswith((".tsv", ".tsv.gz")) else ",")
+
+
+def evaluate_well_profiles(name: str, spec: dict, files: dict[str, str]) -> dict:
+    """NSC and NSCB of one ``well_profiles`` entry as an evaluation record.
+
+    ``spec`` is the validated config entry (plate_col, well_col, aggregate); ``files`` maps
+    path, image_csv and moa_csv to the files to read. The protocol choices are those of
+    ``bbbc021_from_well_profiles``: DMSO and MOA-less wells dropped, StandardScaler fit on the
+    treated MOA-annotated wells, a treatment's profile the ``aggregate`` of its z-scored wells,
+    1-NN by cosine distance excluding the same compound (and, for NSCB, the same batch).
+    """
+    key = f"well_profiles.{name}"
+    tables = {table: read_table(files[table], f"{key}.{table}") for table in TABLES}
+    wells = tables["path"]
+    for column_key in ("plate_col", "well_col"):
+        column = spec[column_key]
+        if column not in wells.columns:
+            raise WellProfileError(
+                f"{key}.{column_key}: column {column!r} is not in {files['path']} "
+                f"(its first columns: {', '.join(map(str, wells.columns[:6]))})"
+            )
+    try:
+        result = bbbc021_from_well_profiles(
+            wells,
+            tables["image_csv"],
+            tables["moa_csv"],
+            plate_col=spec["plate_col"],
+            well_col=spec["well_col"],
+            aggregate=spec["aggregate"],
+        )
+    except EvaluationError as exc:
+        table, _, detail = str(exc).partition(": ")
+        if table in ERROR_PREFIXES:
+            table_key = ERROR_PREFIXES[table]
+            raise WellProfileError(f"{key}.{table_key} ({files[table_key]}): {detail}") from exc
+        raise WellProfileError(f"{key} ({files['path']}): {exc}") from exc
+    return {
+        "benchmark": BENCHMARK,
+        "model": name,
+        "published": PUBLISHED,
+        "label": "moa",
+        "n_profiles": result["n_wells"],
+        "n_features": result["n_features"],
+        "settings": {
+            "plate_col": spec["plate_col"],
+            "well_col": spec["well_col"],
+            "aggregate": spec["aggregate"],
+            "files": dict(files),
+        },
+        "results": {"nsc": result["nsc"], "nscb": result["nscb"]},
+    }
