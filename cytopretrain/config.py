@@ -121,6 +121,13 @@ def _check_learning(config: dict) -> set[str]:
     """Check runs, features, benchmarks and outliers; return the names of the evaluated models."""
     runs = config["training"]["runs"]
     features = config["features"]
+    for name, run in runs.items():
+        # Under torchrun every CUDA rank takes its own GPU (LOCAL_RANK).
+        if run["gpus"] and run["processes"] > run["gpus"]:
+            raise ConfigError(
+                f"config key 'training.runs.{name}.processes': {run['processes']} GPU processes "
+                f"need gpus >= processes, got gpus: {run['gpus']}"
+            )
     models = {*runs, *features["external"]}
     if features["random_baseline"]:
         models |= {f"random_{run}" for run in runs}

@@ -51,6 +51,10 @@ def test_minimal_config_gets_cytoimagenet_thresholds():
         (lambda c: c["crops"].update(rules=[[10, 1], [5, 2]]), "crops.rules"),
         (lambda c: c["sources"].update({"Bad-Name": {"path": "/x", "adapter": "folder"}}), "sources"),
         (lambda c: [s.update(role="benchmark") for s in c["sources"].values()], "sources"),
+        (
+            lambda c: c["training"]["runs"]["weak_label"].update(gpus=1, processes=2),
+            "training.runs.weak_label.processes",
+        ),
     ],
 )
 def test_errors_name_the_key(demo_config, mutate, key):
