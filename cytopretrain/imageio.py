@@ -31,6 +31,8 @@ import numpy as np
 import tifffile
 from PIL import Image
 
+from .schema import QuarantineError
+
 # Largest channel count accepted when an array's channel axis must be guessed (NPY files).
 MAX_CHANNELS = 16
 
@@ -45,16 +47,8 @@ READ_REASONS = (
 )
 
 
-class ImageReadError(ValueError):
+class ImageReadError(QuarantineError):
     """An image cannot be read; ``reason`` is one of READ_REASONS, ``detail`` names the file."""
-
-    def __init__(self, reason: str, detail: str):
-        super().__init__(reason, detail)
-        self.reason = reason
-        self.detail = detail
-
-    def __str__(self) -> str:
-        return f"{self.reason}: {self.detail}"
 
 
 def _channel_axis(series: tifffile.TiffPageSeries, path: Path) -> int | None:

@@ -75,6 +75,19 @@ QUARANTINE_FIELDS: dict[str, pa.DataType] = {
 QUARANTINE_SCHEMA = pa.schema(list(QUARANTINE_FIELDS.items()))
 
 
+class QuarantineError(ValueError):
+    """An image that a stage sets aside: ``reason`` (a short code, the quarantine table's
+    ``reason``) and ``detail`` (what was found, naming the file)."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(reason, detail)
+        self.reason = reason
+        self.detail = detail
+
+    def __str__(self) -> str:
+        return f"{self.reason}: {self.detail}"
+
+
 class SchemaError(ValueError):
     """A table does not follow the canonical schema; the message names the column."""
 

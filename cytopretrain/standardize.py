@@ -41,7 +41,7 @@ import pyarrow as pa
 
 from cytopretrain import tables
 from cytopretrain.imageio import READ_REASONS, ImageReadError, read_channels
-from cytopretrain.schema import SchemaError
+from cytopretrain.schema import QuarantineError, SchemaError
 
 DEFAULT_LOW = 0.1
 DEFAULT_HIGH = 99.9
@@ -66,16 +66,8 @@ REQUIRED_COLUMNS = ("idx", "channel_paths", "channels")
 QUARANTINE_REASONS = READ_REASONS + ("uniform", "binary", "non_finite")
 
 
-class StandardizeError(ValueError):
+class StandardizeError(QuarantineError):
     """An image cannot be standardized; ``reason`` is "uniform" or "non_finite"."""
-
-    def __init__(self, reason: str, detail: str):
-        super().__init__(reason, detail)
-        self.reason = reason
-        self.detail = detail
-
-    def __str__(self) -> str:
-        return f"{self.reason}: {self.detail}"
 
 
 def _check_options(low: float, high: float, mode: str) -> None:

@@ -97,7 +97,39 @@ def read_table(path: str | os.PathLike, columns: list[str] | None = None) -> pd.
     return frame[columns] if columns else frame
 
 
-class ParquetStreamWriter:
+class AtomicFileWriter:
+    """A file written through a temporary path and renamed into place on ``close``; ``abort``
+    (or leaving a ``with`` block by an exception) removes it. Subclasses open their writer on
+    ``self._tmp`` and close it in ``_finish``."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._atomic = atomic_path(self.path)
+        self._tmp = self._atomic.__enter__()
+
+    def _finish(self, complete: bool) -> None:
+        """Close the underlying writer; ``complete`` is False when aborting."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self._finish(complete=True)
+        self._atomic.__exit__(None, None, None)
+
+    def abort(self) -> None:
+        self._finish(complete=False)
+        self._atomic.__exit__(RuntimeError, RuntimeError("aborted"), None)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+class ParquetStreamWriter(AtomicFileWriter):
     """Append row groups to one Parquet file, renamed into place on ``close``.
 
     Memory stays bounded by one row group, so a chunk of thousands of full-size images can
@@ -105,13 +137,11 @@ class ParquetStreamWriter:
     """
 
     def __init__(self, path: str | os.PathLike, schema: pa.Schema, rows_per_group: int = 64):
-        self.path = Path(path)
+        super().__init__(path)
         self.schema = schema
         self.rows_per_group = rows_per_group
         self._buffer: list[dict] = []
         self.n_rows = 0
-        self._atomic = atomic_path(self.path)
-        self._tmp = self._atomic.__enter__()
         # Dictionary encoding never pays off on image bytes and costs a pass over each image.
         dictionary_columns = [f.name for f in schema if f.type != pa.binary()]
         self._writer = pq.ParquetWriter(
@@ -130,23 +160,10 @@ class ParquetStreamWriter:
             self.n_rows += len(self._buffer)
             self._buffer = []
 
-    def close(self) -> None:
-        self._flush()
+    def _finish(self, complete: bool) -> None:
+        if complete:
+            self._flush()
         self._writer.close()
-        self._atomic.__exit__(None, None, None)
-
-    def abort(self) -> None:
-        self._writer.close()
-        self._atomic.__exit__(RuntimeError, RuntimeError("aborted"), None)
-
-    def __enter__(self) -> "ParquetStreamWriter":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
 
 
 def iter_parquet_rows(path: str | os.PathLike, columns: list[str] | None = None, batch_size: int = 64) -> Iterator[dict]:

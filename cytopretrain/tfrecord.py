@@ -31,7 +31,7 @@ import crc32c
 import numpy as np
 from PIL import Image
 
-from .tables import atomic_path
+from .tables import AtomicFileWriter
 
 FeatureValue = list[bytes] | np.ndarray
 
@@ -177,36 +177,20 @@ def write_example(fh: BinaryIO, features: dict[str, object]) -> int:
     return len(record)
 
 
-class TFRecordWriter:
+class TFRecordWriter(AtomicFileWriter):
     """Write Examples to ``path``; the file appears only when :meth:`close` succeeds."""
 
     def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
+        super().__init__(path)
         self.n_records = 0
-        self._atomic = atomic_path(self.path)
-        self._tmp = self._atomic.__enter__()
         self._fh = open(self._tmp, "wb")
 
     def write(self, features: dict[str, object]) -> None:
         write_example(self._fh, features)
         self.n_records += 1
 
-    def close(self) -> None:
+    def _finish(self, complete: bool) -> None:
         self._fh.close()
-        self._atomic.__exit__(None, None, None)
-
-    def abort(self) -> None:
-        self._fh.close()
-        self._atomic.__exit__(RuntimeError, RuntimeError("aborted"), None)
-
-    def __enter__(self) -> "TFRecordWriter":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
 
 
 # --------------------------------------------------------------------------- reading
