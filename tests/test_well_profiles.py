@@ -143,6 +143,7 @@ def test_missing_local_table_is_announced_with_its_key(tmp_path):
     assert "per-well profile table" in output
 
 
+@needs_data
 def test_demo_with_well_profiles_plans_them_beside_the_cnn_evaluations(tmp_path):
     config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     config["well_profiles"] = {"ljosa": local_entry()}
