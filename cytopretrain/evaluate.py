@@ -354,15 +354,20 @@ def bbbc021_from_well_profiles(
             "n_wells": len(wells), "n_features": len(features)}
 
 
+def read_profile_table(path: str | os.PathLike) -> pd.DataFrame:
+    """A CSV or TSV (optionally gzipped) or Parquet table, its format from the file name."""
+    lower = os.fspath(path).lower()
+    if lower.endswith(".parquet"):
+        return pd.read_parquet(path)
+    return pd.read_csv(path, sep="\t" if lower.endswith((".tsv", ".tsv.gz")) else ",")
+
+
 def _read_table(source: pd.DataFrame | str | os.PathLike, name: str) -> pd.DataFrame:
     if isinstance(source, pd.DataFrame):
         return source
-    path = os.fspath(source)
-    if not os.path.exists(path):
-        raise EvaluationError(f"{name}: file not found: {path}")
-    if path.endswith(".parquet"):
-        return pd.read_parquet(path)
-    return pd.read_csv(path)
+    if not os.path.exists(source):
+        raise EvaluationError(f"{name}: file not found: {os.fspath(source)}")
+    return read_profile_table(source)
 
 
 def _require_raw(table: pd.DataFrame, columns: Sequence[str], name: str) -> None:

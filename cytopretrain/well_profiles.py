@@ -17,7 +17,7 @@ import os
 import pandas as pd
 
 from cytopretrain.config import TABLE_SUFFIXES
-from cytopretrain.evaluate import EvaluationError, bbbc021_from_well_profiles
+from cytopretrain.evaluate import EvaluationError, bbbc021_from_well_profiles, read_profile_table
 
 BENCHMARK = "bbbc021"
 # Row of cytopretrain.summary.PUBLISHED printed beside the NSC result (the preprint has no NSCB).
@@ -36,12 +36,9 @@ def read_table(path: str | os.PathLike, key: str) -> pd.DataFrame:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise WellProfileError(f"{key}: file not found: {path}")
-    lower = path.lower()
-    if not lower.endswith(TABLE_SUFFIXES):
+    if not path.lower().endswith(TABLE_SUFFIXES):
         raise WellProfileError(f"{key}: {path} is not a table this reads ({', '.join(TABLE_SUFFIXES)})")
-    if lower.endswith(".parquet"):
-        return pd.read_parquet(path)
-    return pd.read_csv(path, sep="\t" if lower.endswith((".tsv", ".tsv.gz")) else ",")
+    return read_profile_table(path)
 
 
 def evaluate_well_profiles(name: str, spec: dict, files: dict[str, str]) -> dict:
