@@ -178,11 +178,12 @@ def test_cpu_generator_drives_cuda_images():
 # ------------------------------------------------------------------------------ methods
 
 METHOD_SETUPS = {
-    # name: (image size, options, steps)
-    "weak_label": (32, {}, 20),
-    "byol": (32, {"projection_dim": 64, "hidden_dim": 128}, 20),
-    "patch_location": (64, {}, 25),
-    "autoencoder": (32, {"image_size": 32}, 20),
+    # case: (method, image size, options, steps)
+    "weak_label": ("weak_label", 32, {}, 20),
+    "weak_label_photometric": ("weak_label", 32, {"photometric": True}, 20),
+    "byol": ("byol", 32, {"projection_dim": 64, "hidden_dim": 128}, 20),
+    "patch_location": ("patch_location", 64, {}, 25),
+    "autoencoder": ("autoencoder", 32, {"image_size": 32}, 20),
 }
 
 
@@ -196,9 +197,9 @@ def make_method(name: str, options: dict, in_channels: int = 1):
     return build_method(name, build_backbone("resnet18", in_channels=in_channels), n_classes=2, **options)
 
 
-@pytest.mark.parametrize("name", METHOD_SETUPS)
-def test_training_on_a_fixed_batch_lowers_the_loss(real_cells, name):
-    size, options, steps = METHOD_SETUPS[name]
+@pytest.mark.parametrize("case", METHOD_SETUPS)
+def test_training_on_a_fixed_batch_lowers_the_loss(real_cells, case):
+    name, size, options, steps = METHOD_SETUPS[case]
     images, labels = fixed_batch(real_cells, size), real_cells[1]
     method = make_method(name, options).train()
     optimizer = torch.optim.Adam(method.trainable_parameters(), lr=1e-3, foreach=True)
@@ -359,6 +360,33 @@ def test_autoencoder_bce_loss_and_latent_size():
     assert method.encode_latent(images).shape == (2, 12)
 
 
+def test_weak_label_photometric_views_change_intensity_and_sharpness_but_not_geometry(real_cells):
+    images = real_cells[0].repeat(8, 1, 1, 1)  # 64 views of 8 real cells
+    plain = make_method("weak_label", {"rotate": False, "flip": False})
+    jitter = make_method("weak_label", {"rotate": False, "flip": False, "photometric": True})
+    assert torch.equal(plain.augment_batch(images, generator(3)), images)
+    views = jitter.augment_batch(images, generator(3))
+    assert torch.equal(views, jitter.augment_batch(images, generator(3)))  # reproducible
+    assert views.shape == images.shape and views.min() >= 0 and views.max() <= 1
+    # Geometry untouched: every view still correlates with its own cell far more than with the others.
+    flat_views = (views - views.mean(dim=(2, 3), keepdim=True)).flatten(1)
+    flat_cells = (images - images.mean(dim=(2, 3), keepdim=True)).flatten(1)
+    corr = F.normalize(flat_views, dim=1) @ F.normalize(flat_cells, dim=1).T
+    own = corr.diagonal()
+    assert own.min() > 0.5 and (corr.argmax(dim=1) == torch.arange(64) % 8).float().mean() > 0.95
+    # Intensity: the mean brightness of a view relative to its cell spreads well beyond noise level.
+    ratio = views.mean(dim=(1, 2, 3)) / images.mean(dim=(1, 2, 3))
+    assert ratio.std() > 0.1
+    # Sharpness (Laplacian energy): blur lowers it in some views, noise raises it in others.
+    def laplacian_energy(x):
+        kernel = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]])[None, None]
+        return F.conv2d(x, kernel).pow(2).mean(dim=(1, 2, 3))
+    sharpness = laplacian_energy(views) / laplacian_energy(images)
+    assert (sharpness < 0.5).any() and (sharpness > 2).any()
+    with pytest.raises(ValueError, match="photometric"):
+        make_method("weak_label", {"photometric": "yes"})
+
+
 def test_views_follow_the_input_memory_format(real_cells):
     images = fixed_batch(real_cells, 32)
     method = make_method("weak_label", {})
@@ -367,9 +395,9 @@ def test_views_follow_the_input_memory_format(real_cells):
     assert last.item() == pytest.approx(plain.item(), rel=1e-4)
 
 
-@pytest.mark.parametrize("name", METHOD_SETUPS)
-def test_losses_stay_float32_under_bf16_autocast_and_channels_last(name):
-    size, options, _ = METHOD_SETUPS[name]
+@pytest.mark.parametrize("case", METHOD_SETUPS)
+def test_losses_stay_float32_under_bf16_autocast_and_channels_last(case):
+    name, size, options, _ = METHOD_SETUPS[case]
     method = make_method(name, options).to(memory_format=torch.channels_last)
     images = torch.rand(4, 1, size, size).contiguous(memory_format=torch.channels_last)
     with torch.autocast("cpu", dtype=torch.bfloat16):
