@@ -117,6 +117,23 @@ def _check_semantics(config: dict) -> None:
         )
 
 
+def random_baselines(runs: dict) -> dict[str, str]:
+    """Random-init baseline name -> the run it stands beside.
+
+    A random-init backbone depends only on the architecture, input channels and seed, so runs
+    sharing all three share one baseline, ``random_<first such run>``: extracting it twice would
+    give the same features.
+    """
+    baselines: dict[str, str] = {}
+    seen: set[tuple] = set()
+    for name, run in runs.items():
+        key = (run["backbone"], run["in_channels"], run["seed"])
+        if key not in seen:
+            seen.add(key)
+            baselines[f"random_{name}"] = name
+    return baselines
+
+
 def _check_learning(config: dict) -> set[str]:
     """Check runs, features, benchmarks and outliers; return the names of the evaluated models."""
     runs = config["training"]["runs"]
@@ -130,7 +147,7 @@ def _check_learning(config: dict) -> set[str]:
             )
     models = {*runs, *features["external"]}
     if features["random_baseline"]:
-        models |= {f"random_{run}" for run in runs}
+        models |= set(random_baselines(runs))
     for name in features["external"]:
         if name in runs or name in features["fusion"]:
             raise ConfigError(f"config key 'features.external.{name}': the name is already a run or fusion")

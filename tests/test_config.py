@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cytopretrain.config import ConfigError, validate_config
+from cytopretrain.config import ConfigError, random_baselines, validate_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -62,3 +62,17 @@ def test_errors_name_the_key(demo_config, mutate, key):
     with pytest.raises(ConfigError) as error:
         validate_config(demo_config)
     assert f"'{key}" in str(error.value)
+
+
+def test_runs_share_a_random_baseline_only_when_its_weights_would_be_identical(demo_config):
+    runs = validate_config(copy.deepcopy(demo_config))["training"]["runs"]
+    assert {runs[r]["backbone"] for r in runs} == {"resnet18"} and {runs[r]["seed"] for r in runs} == {0}
+    assert random_baselines(runs) == {"random_weak_label": "weak_label"}
+    for key, value in (("seed", 1), ("in_channels", 3), ("backbone", "resnet50")):
+        changed = copy.deepcopy(runs)
+        changed["autoencoder"][key] = value
+        assert random_baselines(changed) == {"random_weak_label": "weak_label", "random_autoencoder": "autoencoder"}
+    # A fusion may only name a baseline that exists.
+    demo_config["features"]["fusion"] = {"mix": ["weak_label", "random_autoencoder"]}
+    with pytest.raises(ConfigError, match="features.fusion.mix"):
+        validate_config(demo_config)

@@ -18,6 +18,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
+from cytopretrain.config import random_baselines, validate_config
 from cytopretrain.shards import iter_shard, load_index, load_labels
 from cytopretrain.tables import decode_pixels, read_table
 from workflow_helpers import check, demo_config, snakemake, write_config
@@ -157,10 +158,10 @@ def test_training_runs_wrote_their_artifacts(run):
 
 
 def test_every_benchmark_model_and_protocol_is_evaluated(run):
-    config = test_config()
+    config = validate_config(test_config())
     summary = read_table(run / "results" / "eval" / "summary.tsv")
-    models = [*config["training"]["runs"], *(f"random_{r}" for r in config["training"]["runs"]),
-              *config["features"]["fusion"]]
+    models = [*config["training"]["runs"], *random_baselines(config["training"]["runs"]), *config["features"]["fusion"]]
+    assert set(summary["model"]) == set(models)
     for benchmark, spec in config["benchmarks"].items():
         for model in models:
             rows = summary[(summary["benchmark"] == benchmark) & (summary["model"] == model)]

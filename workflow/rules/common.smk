@@ -8,7 +8,7 @@ from pathlib import Path
 REPO_ROOT = Path(workflow.current_basedir).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from cytopretrain.config import validate_config
+from cytopretrain.config import random_baselines, validate_config
 from cytopretrain.download import load_resource, resource_from_config, transport_problem
 
 validate_config(config, REPO_ROOT / "workflow" / "schemas" / "config.schema.yaml")
@@ -119,9 +119,7 @@ BENCHMARKS = config["benchmarks"]
 FEATURES = config["features"]
 EXTERNAL_MODELS = FEATURES["external"]
 FUSIONS = FEATURES["fusion"]
-RANDOM_BASELINES = (
-    {f"random_{run}": run for run in RUNS} if FEATURES["random_baseline"] else {}
-)
+RANDOM_BASELINES = random_baselines(RUNS) if FEATURES["random_baseline"] else {}
 EXTRACTED_MODELS = [*RUNS, *RANDOM_BASELINES, *EXTERNAL_MODELS]
 ALL_MODELS = [*EXTRACTED_MODELS, *FUSIONS]
 
