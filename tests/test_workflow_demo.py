@@ -36,20 +36,22 @@ EXPECTED_CATCH = {
 }
 
 
-def test_config() -> dict:
+def short_demo_config() -> dict:
     """The demo config with smaller fields of view and short training runs (the README's run
     trains for minutes)."""
     config = demo_config()
     config["synthetic"]["image_size"] = 160
     for run in config["training"]["runs"].values():
         run.update(steps=24, checkpoint_every=12, validate_every=12, log_every=4)
+    # The weak-label run goes through torchrun: 2 gloo ranks, DistributedDataParallel.
+    config["training"]["runs"]["weak_label"]["processes"] = 2
     return config
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("demo")
-    write_config(workdir, test_config())
+    write_config(workdir, short_demo_config())
     check(snakemake(workdir, "--cores", "2", timeout=3000))
     return workdir
 
@@ -147,10 +149,11 @@ def test_shards_agree_with_labels_and_split(run):
 def test_training_runs_wrote_their_artifacts(run):
     import torch
 
-    for name, settings in test_config()["training"]["runs"].items():
+    for name, settings in short_demo_config()["training"]["runs"].items():
         folder = run / "results" / "train" / name
         card = json.loads((folder / "model_card.json").read_text())
         assert (card["method"], card["backbone"]) == (settings["method"], settings["backbone"])
+        assert card["world_size"] == settings.get("processes", 1)
         state = torch.load(folder / "backbone.pt", weights_only=True)
         assert state and all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point())
         steps = [r["step"] for r in map(json.loads, (folder / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
@@ -158,7 +161,7 @@ def test_training_runs_wrote_their_artifacts(run):
 
 
 def test_every_benchmark_model_and_protocol_is_evaluated(run):
-    config = validate_config(test_config())
+    config = validate_config(short_demo_config())
     summary = read_table(run / "results" / "eval" / "summary.tsv")
     models = [*config["training"]["runs"], *random_baselines(config["training"]["runs"]), *config["features"]["fusion"]]
     assert set(summary["model"]) == set(models)
@@ -175,7 +178,7 @@ def test_every_benchmark_model_and_protocol_is_evaluated(run):
 def test_feature_extraction_accounts_for_every_benchmark_image(run):
     results = run / "results"
     truth = pd.read_csv(results / "synthetic" / "ground_truth.csv")
-    for benchmark, spec in test_config()["benchmarks"].items():
+    for benchmark, spec in short_demo_config()["benchmarks"].items():
         table = read_table(results / "metadata" / "sources" / f"{spec['source']}.parquet")
         profiles = pq.read_table(results / "features" / benchmark / "weak_label.parquet").to_pandas()
         failures = read_table(results / "features" / benchmark / "weak_label.failures.tsv")
@@ -209,7 +212,7 @@ def test_second_run_has_nothing_to_do(run):
 def test_tfrecord_shards_read_back_by_an_independent_reader(run):
     from tfrecord.reader import tfrecord_loader
 
-    config = test_config()
+    config = short_demo_config()
     config["shards"]["format"] = "tfrecord"
     write_config(run, config)
     try:
@@ -228,4 +231,4 @@ def test_tfrecord_shards_read_back_by_an_independent_reader(run):
             read_table(run / "results" / "shards" / "excluded.tsv")
         )
     finally:
-        write_config(run, test_config())
+        write_config(run, short_demo_config())
