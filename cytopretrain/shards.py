@@ -66,6 +66,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from .crops import CROP_FIELDS, CROP_SCHEMA  # the columns read from every crop file
 from .schema import CANONICAL_FIELDS, CANONICAL_SCHEMA, SchemaError
 from .tables import (
     PIXEL_FIELDS,
@@ -82,21 +83,6 @@ SPLITS = ("train", "validation")
 FORMATS = {"parquet": ".parquet", "tfrecord": ".tfrecord"}
 SHARD_ROWS_PER_GROUP = 64
 
-# Columns read from every crop file, with the types the shards store.
-CROP_FIELDS: dict[str, pa.DataType] = {
-    "crop_id": pa.string(),
-    "idx": pa.string(),
-    "label": pa.string(),
-    "category": pa.string(),
-    "crop": pa.bool_(),
-    "scaling": pa.float32(),
-    "x_min": pa.int32(),
-    "x_max": pa.int32(),
-    "y_min": pa.int32(),
-    "y_max": pa.int32(),
-    **PIXEL_FIELDS,
-}
-CROP_SCHEMA = pa.schema(list(CROP_FIELDS.items()))
 LIGHT_COLUMNS = ["crop_id", "idx", "label", "category"]
 
 _CROP_WINDOW = ("crop", "scaling", "x_min", "x_max", "y_min", "y_max")

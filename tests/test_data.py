@@ -13,44 +13,20 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 import pytest
 import tifffile
 import torch
 
 from cytopretrain import data, shards
+from cytopretrain.crops import CROP_SCHEMA
 from cytopretrain.schema import conform
-from cytopretrain.tables import PIXEL_FIELDS, ParquetStreamWriter, encode_pixels
+from cytopretrain.tables import ParquetStreamWriter, encode_pixels
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-YEAST = DATA / "yeast_toy" / "images"
+from cell_images import YEAST, to_uint8
+
 IMAGES_PER_PROTEIN = 9
-CROP_SCHEMA = pa.schema(
-    [
-        ("crop_id", pa.string()),
-        ("idx", pa.string()),
-        ("label", pa.string()),
-        ("category", pa.string()),
-        ("crop", pa.bool_()),
-        ("scaling", pa.float32()),
-        ("x_min", pa.int32()),
-        ("x_max", pa.int32()),
-        ("y_min", pa.int32()),
-        ("y_max", pa.int32()),
-        *PIXEL_FIELDS.items(),
-    ]
-)
 SIZE = 40  # loader output side: the 64 px cells are cropped, the 32 px quadrants enlarged
 
-
-def to_uint8(channels: list[np.ndarray]) -> np.ndarray:
-    """Per-channel min-max scaling to uint8, (H, W, C)."""
-    out = []
-    for channel in channels:
-        channel = channel.astype(np.float64)
-        low, high = channel.min(), channel.max()
-        out.append(np.round(255 * (channel - low) / max(high - low, 1e-12)).astype(np.uint8))
-    return np.stack(out, axis=-1)
 
 
 def write_shard_set(

@@ -19,35 +19,19 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 import pytest
 import tifffile
 import torch
 
 from cytopretrain import evaluate, report, shards, train
+from cytopretrain.crops import CROP_SCHEMA
 from cytopretrain.outliers import score_crops
 from cytopretrain.schema import conform
 from cytopretrain.summary import summarize
-from cytopretrain.tables import PIXEL_FIELDS, ParquetStreamWriter, decode_pixels, encode_pixels, write_table
+from cytopretrain.tables import ParquetStreamWriter, encode_pixels, write_table
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-YEAST = DATA / "yeast_toy" / "images"
-BBBC_CELLS = DATA / "bbbc021_cells"
-CROP_SCHEMA = pa.schema(
-    [
-        ("crop_id", pa.string()),
-        ("idx", pa.string()),
-        ("label", pa.string()),
-        ("category", pa.string()),
-        ("crop", pa.bool_()),
-        ("scaling", pa.float32()),
-        ("x_min", pa.int32()),
-        ("x_max", pa.int32()),
-        ("y_min", pa.int32()),
-        ("y_max", pa.int32()),
-        *PIXEL_FIELDS.items(),
-    ]
-)
+from cell_images import BBBC_CELLS, DATA, YEAST, to_uint8
+
 YEAST_IMAGES = {"AAC1": 8, "AAC3": 6, "AAH1": 4, "AAP1": 5, "AAR2": 3}
 BBBC_IMAGES = 8  # per MOA
 DROPPED_LABEL = "aah1"
@@ -131,14 +115,6 @@ class Page(HTMLParser):
 
 # --------------------------------------------------------------------------- inputs
 
-
-def to_uint8(channels: list[np.ndarray]) -> np.ndarray:
-    out = []
-    for channel in channels:
-        channel = channel.astype(np.float64)
-        low, high = channel.min(), channel.max()
-        out.append(np.round(255 * (channel - low) / max(high - low, 1e-12)).astype(np.uint8))
-    return np.stack(out, axis=-1)
 
 
 def real_images() -> list[dict]:

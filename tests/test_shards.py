@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 import pytest
 import tifffile
 import tfrecord as pypi_tfrecord
@@ -26,28 +25,13 @@ from tfrecord.writer import TFRecordWriter as PyPIWriter
 
 from cytopretrain import shards
 from cytopretrain import tfrecord as tfr
+from cytopretrain.crops import CROP_SCHEMA
 from cytopretrain.schema import CANONICAL_FIELDS, SchemaError, conform
-from cytopretrain.tables import PIXEL_FIELDS, ParquetStreamWriter, encode_pixels, write_table
+from cytopretrain.tables import ParquetStreamWriter, encode_pixels, write_table
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-YEAST = DATA / "yeast_toy" / "images"
-BBBC_CELLS = DATA / "bbbc021_cells"
+from cell_images import BBBC_CELLS, DATA, YEAST, to_uint8
 
-CROP_SCHEMA = pa.schema(
-    [
-        ("crop_id", pa.string()),
-        ("idx", pa.string()),
-        ("label", pa.string()),
-        ("category", pa.string()),
-        ("crop", pa.bool_()),
-        ("scaling", pa.float32()),
-        ("x_min", pa.int32()),
-        ("x_max", pa.int32()),
-        ("y_min", pa.int32()),
-        ("y_max", pa.int32()),
-        *PIXEL_FIELDS.items(),
-    ]
-)
+
 # Images per yeast protein: 10 * 0.25 = 2.5 and 6 * 0.25 = 1.5 exercise rounding half up.
 YEAST_IMAGES = {"AAC1": 12, "AAC3": 10, "AAH1": 7, "AAP1": 6, "AAR2": 2}
 BBBC_IMAGES = 15  # per MOA
@@ -55,15 +39,6 @@ DROPPED_LABEL = "aah1"
 FRACTION = 0.25
 PER_SHARD = 16
 
-
-def to_uint8(channels: list[np.ndarray]) -> np.ndarray:
-    """Per-channel min-max scaling to uint8, (H, W, C)."""
-    out = []
-    for channel in channels:
-        channel = channel.astype(np.float64)
-        low, high = channel.min(), channel.max()
-        out.append(np.round(255 * (channel - low) / max(high - low, 1e-12)).astype(np.uint8))
-    return np.stack(out, axis=-1)
 
 
 def crop_windows(image: np.ndarray, n_crops: int) -> list[tuple[np.ndarray, dict]]:
