@@ -842,6 +842,27 @@ def _prepare_out_dir(out_dir: Path, resume: bool) -> None:
         (out_dir / "metrics.jsonl").unlink(missing_ok=True)
 
 
+def discard_stale_checkpoints(out_dir: str | os.PathLike, settings: dict, shards_dir: str | os.PathLike,
+                              *, world_size: int = 1) -> str | None:
+    """Delete ``out_dir``'s checkpoints and metrics if its newest checkpoint cannot be resumed.
+
+    For the workflow: a changed run config or a rebuilt shard set reruns ``train_pretext``,
+    which must then start over instead of failing (``train(resume=True)`` refuses a
+    checkpoint of other settings, shards or rank count). Returns why the checkpoints were
+    discarded, or None when there were none or they fit.
+    """
+    out_dir = Path(out_dir)
+    state = load_newest_checkpoint(out_dir)
+    if state is None:
+        return None
+    try:
+        _check_resumable(state, check_settings(settings), _sha256(Path(shards_dir) / "index.tsv"), world_size)
+    except ValueError as mismatch:
+        _prepare_out_dir(out_dir, resume=False)
+        return str(mismatch)
+    return None
+
+
 def train(
     settings: dict,
     shards_dir: str | os.PathLike,

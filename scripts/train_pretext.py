@@ -7,13 +7,16 @@ import torch
 from _workflow import setup_logging
 
 from cytopretrain.distributed import launch
-from cytopretrain.train import train
+from cytopretrain.train import discard_stale_checkpoints, train
 
 log = setup_logging(snakemake)
 work_dir = Path(snakemake.params.work_dir)
 settings = dict(snakemake.params.settings, progress=False)
 shards_dir = Path(snakemake.input.index).parent
 processes = snakemake.params.processes
+stale = discard_stale_checkpoints(work_dir, settings, shards_dir, world_size=processes)
+if stale:
+    log.warning("starting %s over, its checkpoints do not fit this run: %s", snakemake.wildcards.run, stale)
 if processes > 1:  # torchrun: DistributedDataParallel over `processes` ranks on this node
     result = launch(
         settings,

@@ -263,6 +263,25 @@ def test_changed_settings_refuse_to_resume(shard_dir, tmp_path):
     assert fresh["step"] == 1 and checkpoint_steps(tmp_path) == [1]
 
 
+def test_stale_checkpoints_are_discarded_so_a_changed_run_starts_over(shard_dir, reference, tmp_path):
+    train.train(BASE, shard_dir, tmp_path, max_steps_this_run=3)
+    assert checkpoint_steps(tmp_path) == [3]
+    # Same trajectory (a logging change): the checkpoint stays and training resumes from it.
+    assert train.discard_stale_checkpoints(tmp_path, {**BASE, "log_every": 3}, shard_dir) is None
+    assert checkpoint_steps(tmp_path) == [3]
+    # Another rank count or other settings: checkpoints and metrics go, the reason is named.
+    reason = train.discard_stale_checkpoints(tmp_path, BASE, shard_dir, world_size=2)
+    assert "1 rank(s), this run has 2" in reason
+    assert checkpoint_steps(tmp_path) == [] and not (tmp_path / "metrics.jsonl").exists()
+    train.train({**BASE, "lr": 1e-3}, shard_dir, tmp_path, max_steps_this_run=3)
+    reason = train.discard_stale_checkpoints(tmp_path, BASE, shard_dir)
+    assert "changed: ['lr']" in reason and checkpoint_steps(tmp_path) == []
+    # The run then trains from step 0 to the uninterrupted result.
+    train.train(BASE, shard_dir, tmp_path)
+    assert_same_weights(tmp_path, reference["out"])
+    assert train.discard_stale_checkpoints(tmp_path / "empty", BASE, shard_dir) is None
+
+
 @pytest.mark.parametrize(
     "change, message",
     [
