@@ -675,13 +675,13 @@ def acquire(
 # --------------------------------------------------------------------------------------------
 
 
-def _burn_text(image: np.ndarray, text: str, rng: np.random.Generator, value: float) -> np.ndarray:
-    """Annotation lettering burned into the pixels, like chart labels in scanned tiles."""
+def _burn_text(image: np.ndarray, text: str, origin: tuple[int, int], value: float) -> np.ndarray:
+    """Annotation lettering burned into the pixels from ``origin`` (x, y), like chart labels."""
     h, w = image.shape
     mask = Image.new("L", (w, h), 0)
     draw = ImageDraw.Draw(mask)
     font = ImageFont.load_default(size=max(8, h // 9))
-    x, y = int(rng.integers(1, max(2, w // 6))), int(rng.integers(1, max(2, h // 3)))
+    x, y = origin
     for line in text.split("\n"):
         draw.text((x, y), line, fill=255, font=font)
         y += max(9, h // 8)
@@ -701,7 +701,10 @@ def apply_defect(planes: list[np.ndarray], defect: str, max_value: float, rng: n
     if defect == "binary":
         return [np.where(p > p.mean(), max_value, 0.0) for p in planes]
     if defect == "text":
-        return [_burn_text(p, text, rng, max_value) for p in planes]
+        # One overlay at one place in every channel, as annotation software burns it in.
+        h, w = planes[0].shape
+        origin = int(rng.integers(1, max(2, w // 6))), int(rng.integers(1, max(2, h // 3)))
+        return [_burn_text(p, text, origin, max_value) for p in planes]
     return planes
 
 
