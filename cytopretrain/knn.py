@@ -74,6 +74,7 @@ _NORM_SLACK = 2.0**-18
 _RERANK_ELEMENTS = 1 << 25  # candidate values gathered at once while re-ranking (128 MB in float32)
 _WIDEN_FACTOR = 4
 _MIN_BF16_SPEEDUP = 1.3
+_SELECTION_STRIPES = 32  # see _smallest_per_row
 
 
 class KnnError(ValueError):
@@ -126,7 +127,7 @@ def knn(
     query_groups: np.ndarray | None = None,
     reference_groups: np.ndarray | None = None,
     block_size: int = 1024,
-    reference_block_size: int = 8192,
+    reference_block_size: int = 32768,
     precision: Precision = "auto",
     shortlist_margin: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -153,7 +154,7 @@ def knn_search(
     query_groups: np.ndarray | None = None,
     reference_groups: np.ndarray | None = None,
     block_size: int = 1024,
-    reference_block_size: int = 8192,
+    reference_block_size: int = 32768,
     precision: Precision = "auto",
     shortlist_margin: int | None = None,
 ) -> KnnResult:
@@ -479,7 +480,7 @@ class _Search:
             stop = min(start + self.reference_block_size, self.n_reference)
             keys = torch.mm(query.product, side.rows.product[start:stop].T)
             self._mask(keys, rows, start, stop)
-            values, positions = torch.topk(keys, min(keep, stop - start), dim=1, largest=False, sorted=False)
+            values, positions = _smallest_per_row(keys, keep)
             tile_keys.append(values)
             tile_positions.append(positions + start)
             tile_errors.append(block_error[:, block:block + 1].expand(-1, values.shape[1]))
@@ -609,6 +610,34 @@ class _Search:
             out_d.append(best_d)
             out_i.append(best_i)
         return torch.cat(out_d), torch.cat(out_i)
+
+
+def _smallest_per_row(keys: torch.Tensor, keep: int, stripes: int = _SELECTION_STRIPES
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``keep`` smallest values of each row and their columns, in no order (as torch.topk).
+
+    torch.topk over a wide tile costs as much as the matrix product that made it, so the
+    search is narrowed first: the row is cut into ``stripes`` consecutive stripes of W columns
+    and an element-wise minimum across stripes (vectorized, one read of the tile) gives, for
+    each offset j < W, the minimum of the group {j, j + W, j + 2W, ...}. The keep smallest
+    values of the row lie in the keep groups with the smallest minima: if one of them lies in
+    another group, each of the keep chosen groups holds a value no larger than it, which
+    already accounts for every rank up to its own. So only those keep x stripes values (and
+    the few tail columns past stripes x W) are searched, and the values returned are exactly
+    those of torch.topk; among equal values the columns may differ.
+    """
+    rows, width = keys.shape
+    group_width = width // stripes
+    if group_width < 2 * keep:
+        return torch.topk(keys, min(keep, width), dim=1, largest=False, sorted=False)
+    body = stripes * group_width
+    group_min = keys[:, :body].view(rows, stripes, group_width).amin(1)
+    _, groups = torch.topk(group_min, keep, dim=1, largest=False, sorted=False)
+    columns = (groups[:, :, None] + group_width * torch.arange(stripes)).reshape(rows, -1)
+    if body < width:
+        columns = torch.cat([columns, torch.arange(body, width).expand(rows, -1)], 1)
+    values, picked = torch.topk(torch.gather(keys, 1, columns), keep, dim=1, largest=False, sorted=False)
+    return values, torch.gather(columns, 1, picked)
 
 
 def _direct_distance(query: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ import pytest
 import torch
 from sklearn.neighbors import NearestNeighbors
 
-from cytopretrain.knn import KnnError, _bound_holds, _Search, knn, knn_search, resolve_precision
+from cytopretrain.knn import KnnError, _bound_holds, _Search, _smallest_per_row, knn, knn_search, resolve_precision
 
 torch.set_num_threads(2)
 PRECISIONS = ["fp32", "bf16"]
@@ -132,6 +132,36 @@ def test_group_exclusion(random_sets, metric, precision):
     expected_d, expected_i = brute_force(queries, reference, 5, metric, excluded)
     np.testing.assert_array_equal(indices, expected_i)
     np.testing.assert_allclose(distances, expected_d, rtol=1e-9)
+
+
+@pytest.mark.parametrize("width", [512, 1000, 4099])
+def test_striped_selection_returns_the_smallest_values_of_each_row(width):
+    rng = np.random.default_rng(width)
+    # Few distinct values (many ties), excluded pairs at +inf, and rows whose smallest values
+    # crowd one group of columns or the tail past the last full stripe.
+    keys = torch.from_numpy(rng.integers(0, 50, size=(40, width)).astype(np.float32)).to(torch.bfloat16)
+    keys[rng.random(keys.shape) < 0.2] = torch.inf
+    keys[0, :] = 100
+    keys[0, 7::width // 32] = -1  # one whole group holds the row's smallest values
+    keys[1, :] = 100
+    keys[1, -3:] = -1
+    values, columns = _smallest_per_row(keys, 9)
+    expected = torch.topk(keys, 9, dim=1, largest=False).values
+    assert torch.equal(values.sort(1).values, expected.sort(1).values)
+    assert torch.equal(torch.gather(keys, 1, columns), values)
+    assert (columns.sort(1).values.diff(dim=1) > 0).all()  # distinct columns
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_wide_reference_tiles_match_brute_force(precision):
+    # Tiles wide enough for the striped selection, with a partial last tile and a tail.
+    rng = np.random.default_rng(3)
+    reference = rng.normal(size=(3000, 24)).astype(np.float32)
+    found_d, found_i = knn(reference[:200], reference, 5, precision=precision, block_size=128,
+                           reference_block_size=1100, shortlist_margin=3)
+    expected_d, expected_i = brute_force(reference[:200], reference, 5)
+    np.testing.assert_array_equal(found_i, expected_i)
+    np.testing.assert_allclose(found_d, expected_d, rtol=1e-9, atol=1e-12)
 
 
 def test_fewer_eligible_references_than_k_are_padded():
