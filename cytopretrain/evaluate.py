@@ -736,12 +736,18 @@ def outlier_scores(latents: pd.DataFrame | np.ndarray, *, k: int = 5, eps: float
     if eps <= 0:
         raise EvaluationError(f"outlier_scores: eps must be positive, got {eps}")
     dbscan_labels = DBSCAN(eps=eps, min_samples=min_samples).fit_predict(z.astype(np.float64))
-    rank = np.empty(n, dtype=np.int64)
-    rank[np.lexsort((np.arange(n), -score))] = np.arange(1, n + 1)
+    rank = descending_rank(score)
     out = latents[metadata_columns(latents)].reset_index(drop=True) if isinstance(latents, pd.DataFrame) else pd.DataFrame(index=range(n))
     out = out.assign(score=score, rank=rank, dbscan_label=dbscan_labels, is_outlier=dbscan_labels == -1)
     out.attrs.update({"eps": float(eps), "eps_source": eps_source, "k": k, "min_samples": min_samples})
     return out
+
+
+def descending_rank(values: np.ndarray) -> np.ndarray:
+    """Rank 1 for the largest value, ties to the earlier row."""
+    rank = np.empty(values.size, dtype=np.int64)
+    rank[np.lexsort((np.arange(values.size), -values))] = np.arange(1, values.size + 1)
+    return rank
 
 
 def _knee(k_distances: np.ndarray) -> float:

@@ -89,7 +89,10 @@ QUARANTINE_COLUMNS = ("idx", "stage", "reason", "detail")
 LABEL_COLUMNS = ("class_index", "label", "category", "n_train", "n_validation")
 INDEX_COLUMNS = ("split", "shard", "format", "n_samples")
 EMBEDDING_COLUMNS = ("idx", "label", "x", "y")
-OUTLIER_COLUMNS = ("crop_id", "idx", "label", "score", "rank", "dbscan_label", "is_outlier", "injected_text")
+OUTLIER_COLUMNS = (
+    "crop_id", "idx", "label", "score", "rank", "latent_distance", "latent_rank", "dbscan_label", "is_outlier",
+    "injected_text",
+)
 
 
 class ReportInputError(ValueError):
@@ -264,8 +267,8 @@ def read_run(card_path: Path) -> dict:
 
 def read_outliers(path: Path) -> pd.DataFrame:
     outliers = _read_tsv(path, OUTLIER_COLUMNS, "outlier table")
-    _numeric(outliers, ["score"], path)
-    _numeric(outliers, ["rank"], path, integer=True)
+    _numeric(outliers, ["score", "latent_distance"], path)
+    _numeric(outliers, ["rank", "latent_rank"], path, integer=True)
     for column in ("is_outlier", "injected_text"):
         _boolean(outliers, column, path)
     return outliers.sort_values("rank", ignore_index=True)
@@ -1026,12 +1029,13 @@ def evaluation_section(summary: pd.DataFrame, evaluations: list[dict]) -> str:
 
 
 OUTLIER_TEXT = (
-    "An autoencoder trained on the crops compresses each one to a short code; crops whose code "
-    "is far from all others (mean distance to the nearest neighbours: the score) are unusual. "
-    "Such outliers are often artefacts: annotation text or scale bars burned into the image, "
-    "debris, out-of-focus or empty fields. DBSCAN noise points are flagged as outliers. Crops "
-    "from images with injected annotation text (the demo's planted defects) are marked in red, "
-    "so you can see whether the method finds them."
+    "An autoencoder trained on the crops compresses each one to a short code and rebuilds the "
+    "crop from it. Crops it rebuilds badly, relative to their own brightness, are unusual: the "
+    "score, and the ranking. Such outliers are often artefacts: annotation text or scale bars "
+    "burned into the image, debris, out-of-focus or empty fields. Each crop also has a latent "
+    "rank (mean distance of its code to the nearest codes, as in seed 004), and DBSCAN noise "
+    "points in the code space are flagged as outliers. Crops that show injected annotation text "
+    "(the demo's planted defects) are marked in red, so you can see whether the method finds them."
 )
 
 
@@ -1056,7 +1060,7 @@ def _outlier_histogram(outliers: pd.DataFrame) -> Figure:
     ax.set_yscale("log")
     ax.set_ylim(bottom=0.5)
     ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
-    ax.set_xlabel("outlier score (mean distance to the nearest neighbours in latent space)")
+    ax.set_xlabel("outlier score (relative reconstruction error of the autoencoder)")
     ax.set_ylabel("number of crops (log scale)")
     ax.set_title("Outlier scores")
     ax.legend(fontsize=8)
@@ -1066,10 +1070,10 @@ def _outlier_histogram(outliers: pd.DataFrame) -> Figure:
 def _injected_summary(outliers: pd.DataFrame) -> list[str]:
     injected = outliers[outliers["injected_text"]]
     if injected.empty:
-        return [_note("No crop comes from an image with injected text (no planted defects, or none kept).")]
+        return [_note("No crop shows injected text (no planted defects, or none kept).")]
     ranks = injected["rank"].to_numpy()
     text = (
-        f"{len(injected)} of {len(outliers):,} crops come from images with injected text. Their ranks "
+        f"{len(injected)} of {len(outliers):,} crops show injected text. Their ranks "
         f"(1 = most unusual): median {int(np.median(ranks))}; {int((ranks <= OUTLIER_TABLE_ROWS).sum())} "
         f"among the top {OUTLIER_TABLE_ROWS}; {int(injected['is_outlier'].sum())} flagged as DBSCAN noise."
     )
@@ -1082,7 +1086,7 @@ def _injected_summary(outliers: pd.DataFrame) -> list[str]:
 
 
 def _outlier_rows(frame: pd.DataFrame) -> pd.DataFrame:
-    return frame[["rank", "crop_id", "idx", "label", "score", "dbscan_label", "is_outlier", "injected_text"]]
+    return frame[["rank", "crop_id", "idx", "label", "score", "latent_rank", "dbscan_label", "is_outlier", "injected_text"]]
 
 
 def outlier_section(outliers: pd.DataFrame | None, by_id: dict[str, dict]) -> str:

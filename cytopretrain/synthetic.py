@@ -40,7 +40,8 @@ Poisson, accurate at these counts) plus read noise.
 Defective images are written on purpose (blank, saturated, binary mask, burned-in annotation
 text, truncated TIFF, zero-byte TIFF, and the missing w5/w6 files of one RxRx1 site).  They
 stay listed in the layouts' own metadata like real defects; ``<out>/ground_truth.csv``
-(columns layout, path, defect; path relative to the layout root, one row per affected file)
+(columns layout, path, defect, then the lettering's box x_min, y_min, x_max, y_max in pixels
+for text; path relative to the layout root, one row per affected file)
 records them and is not part of any layout.
 
 Every image is rendered from its own random stream derived from (seed, layout, image index),
@@ -54,6 +55,7 @@ import math
 import os
 import shutil
 import zipfile
+import zlib
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -67,7 +69,8 @@ from cytopretrain.sources.synthetic import NATIVE_COLUMNS
 from cytopretrain.tables import atomic_path
 
 LAYOUTS = ("bbbc021", "rxrx1", "hpa", "cyclops", "coos7", "synthetic")
-GROUND_TRUTH_COLUMNS = ("layout", "path", "defect")
+GROUND_TRUTH_COLUMNS = ("layout", "path", "defect", "x_min", "y_min", "x_max", "y_max")
+NO_BOX = ("",) * 4  # ground-truth box columns of defects other than text
 DEFECT_KINDS = ("blank", "saturated", "binary", "text", "truncated", "empty_file", "missing")
 CROP_SIZE = 64
 _ZIP_TIME = (1980, 1, 1, 0, 0, 0)
@@ -675,19 +678,28 @@ def acquire(
 # --------------------------------------------------------------------------------------------
 
 
-def _burn_text(image: np.ndarray, text: str, origin: tuple[int, int], value: float) -> np.ndarray:
-    """Annotation lettering burned into the pixels from ``origin`` (x, y), like chart labels."""
-    h, w = image.shape
+def text_overlay(shape: tuple[int, int], text: str) -> np.ndarray:
+    """Pixels of annotation lettering (bool, ``shape``), like a chart label burned into a field.
+
+    Its place depends only on the text and the image shape, so the ground truth can state the
+    lettering's box (:func:`text_box`) without rendering the field.
+    """
+    h, w = shape
+    digest = zlib.crc32(text.encode())
+    x, y = 1 + digest % max(1, w // 6 - 1), 1 + (digest >> 16) % max(1, h // 3 - 1)
     mask = Image.new("L", (w, h), 0)
     draw = ImageDraw.Draw(mask)
     font = ImageFont.load_default(size=max(8, h // 9))
-    x, y = origin
     for line in text.split("\n"):
         draw.text((x, y), line, fill=255, font=font)
         y += max(9, h // 8)
-    out = image.copy()
-    out[np.asarray(mask) > 96] = value
-    return out
+    return np.asarray(mask) > 96
+
+
+def text_box(shape: tuple[int, int], text: str) -> tuple[int, int, int, int]:
+    """(x_min, y_min, x_max, y_max), half-open: the smallest box holding the lettering."""
+    rows, cols = np.nonzero(text_overlay(shape, text))
+    return int(cols.min()), int(rows.min()), int(cols.max()) + 1, int(rows.max()) + 1
 
 
 def apply_defect(planes: list[np.ndarray], defect: str, max_value: float, rng: np.random.Generator,
@@ -702,9 +714,8 @@ def apply_defect(planes: list[np.ndarray], defect: str, max_value: float, rng: n
         return [np.where(p > p.mean(), max_value, 0.0) for p in planes]
     if defect == "text":
         # One overlay at one place in every channel, as annotation software burns it in.
-        h, w = planes[0].shape
-        origin = int(rng.integers(1, max(2, w // 6))), int(rng.integers(1, max(2, h // 3)))
-        return [_burn_text(p, text, origin, max_value) for p in planes]
+        lettering = text_overlay(planes[0].shape, text)
+        return [np.where(lettering, max_value, p) for p in planes]
     return planes
 
 
@@ -893,7 +904,7 @@ class LayoutPlan:
 
     jobs: list
     tables: dict[str, list[list]]  # relative path -> rows (first row = header)
-    defects: list[tuple[str, str]]  # (relative path, defect kind)
+    defects: list[tuple]  # (relative path, defect kind, text box or 4 x "")
     images: int
     raw_tables: dict[str, str] | None = None  # relative path -> verbatim text
 
@@ -939,11 +950,16 @@ def _pick_defects(rng: np.random.Generator, candidates: list[int], kinds: tuple[
     return {candidates[int(i)]: kind for i, kind in zip(chosen, kinds)}
 
 
-def _defect_rows(job_paths: tuple[str, ...], defect: str, root: Path) -> list[tuple[str, str]]:
-    if not defect:
+def _defect_rows(job: FieldJob | CellJob, root: Path) -> list[tuple]:
+    """Ground-truth rows (path, defect, x_min, y_min, x_max, y_max) of one job's files.
+
+    The box is the lettering's for text, empty otherwise.
+    """
+    if not job.defect:
         return []
-    paths = job_paths[:1] if defect in FILE_DEFECTS else job_paths
-    return [(Path(p).relative_to(root).as_posix(), defect) for p in paths]
+    paths = job.paths[:1] if job.defect in FILE_DEFECTS else job.paths
+    box = text_box((job.size, job.size), job.text) if job.defect == "text" else NO_BOX
+    return [(Path(p).relative_to(root).as_posix(), job.defect, *box) for p in paths]
 
 
 # -- bbbc021 ------------------------------------------------------------------------------------
@@ -1028,7 +1044,7 @@ def plan_bbbc021(root: Path, seed: int, scale: float, size: int) -> LayoutPlan:
             text=f"{f['plate']}\n{f['well']} s{f['site']}",
         )
         jobs.append(job)
-        gt += _defect_rows(job.paths, job.defect, root)
+        gt += _defect_rows(job, root)
         image_number[f["week"]] += 1
         rows.append([f["week"], image_number[f["week"]], names[0], path_name, names[1], path_name, names[2],
                      path_name, f["plate"], f["well"], f["replicate"], f["compound"],
@@ -1094,7 +1110,7 @@ def plan_rxrx1(root: Path, seed: int, scale: float, size: int) -> LayoutPlan:
         n_channels = 4 if i == incomplete else 6
         paths = tuple(str(folder / f"{w['well']}_s{site}_w{c}.png") for c in range(1, n_channels + 1))
         if i == incomplete:
-            gt += [((folder / f"{w['well']}_s{site}_w{c}.png").relative_to(root).as_posix(), "missing") for c in (5, 6)]
+            gt += [((folder / f"{w['well']}_s{site}_w{c}.png").relative_to(root).as_posix(), "missing", *NO_BOX) for c in (5, 6)]
         job = FieldJob(
             seed=(seed, 2, i), size=size, cell_type=w["cell_type"], effect=w["effect"],
             stains=tuple(s for s, _ in RXRX1_CHANNELS[:n_channels]),
@@ -1102,7 +1118,7 @@ def plan_rxrx1(root: Path, seed: int, scale: float, size: int) -> LayoutPlan:
             paths=paths, defect=defects.get(i, ""), text=f"{w['experiment']} P{w['plate']}\n{w['well']}",
         )
         jobs.append(job)
-        gt += _defect_rows(job.paths, job.defect, root)
+        gt += _defect_rows(job, root)
     tables: dict[str, list[list]] = {}
     for split in ("train", "test"):
         treated = [["id_code", "experiment", "plate", "well"] + (["sirna"] if split == "train" else [])]
@@ -1162,7 +1178,7 @@ def plan_hpa(root: Path, seed: int, scale: float, size: int) -> LayoutPlan:
             defect=defects.get(i, ""), text=f"HPA {image_id[:8]}\n63x",
         )
         jobs.append(job)
-        gt += _defect_rows(job.paths, job.defect, root)
+        gt += _defect_rows(job, root)
         rows.append([image_id, " ".join(str(c) for c in labels)])
     return LayoutPlan(jobs, {"train.csv": rows}, gt, n_images)
 
@@ -1210,7 +1226,7 @@ def plan_cyclops(root: Path, seed: int, scale: float) -> LayoutPlan:
             defect=defects.get(i, ""),
         )
         jobs.append(job)
-        gt += _defect_rows(job.paths, job.defect, root)
+        gt += _defect_rows(job, root)
     return LayoutPlan(jobs, {}, gt, len(jobs))
 
 
@@ -1262,7 +1278,7 @@ def plan_coos7(root: Path, seed: int, scale: float) -> LayoutPlan:
             defect=defects.get(i, ""),
         )
         jobs.append(job)
-        gt += _defect_rows(job.paths, job.defect, root)
+        gt += _defect_rows(job, root)
     return LayoutPlan(jobs, {}, gt, len(jobs))
 
 
@@ -1361,7 +1377,7 @@ def plan_synthetic(root: Path, seed: int, scale: float, size: int) -> LayoutPlan
             text=f"{plate} {well}\nsite {site}",
         )
         jobs.append(job)
-        gt += _defect_rows(job.paths, job.defect, root)
+        gt += _defect_rows(job, root)
         ct = CELL_TYPES[im["cell_type"]]
         bright = im["kind"] == "brightfield"
         rows.append([
@@ -1467,7 +1483,7 @@ def generate_collection(
                 tmp.write_text(text)
         archive = out / "archives" / f"{layout}.zip"
         n_files = zip_folder(root, archive)
-        ground_truth += [[layout, path, kind] for path, kind in sorted(plan.defects)]
+        ground_truth += [[layout, *row] for row in sorted(plan.defects)]
         summary["layouts"][layout] = {
             "images": plan.images,
             "files": n_files,

@@ -350,18 +350,20 @@ def write_runs(shard_dir: Path, folder: Path) -> list[Path]:
 
 
 def write_outliers(shard_dir: Path, index: pd.DataFrame, planted: set[str], folder: Path) -> Path:
-    """Scores of random 8-d latents per shard crop; crops of ``planted`` images lie far out."""
-    rows = [
-        (s["crop_id"], s["idx"], s["label"])
-        for shard in index["shard"]
-        for s in shards.iter_shard(shard_dir / shard)
-    ]
-    latents = pd.DataFrame(rows, columns=["Metadata_crop_id", "Metadata_idx", "Metadata_label"])
-    values = np.random.default_rng(9).normal(0, 1, (len(rows), 8))
-    values[latents["Metadata_idx"].isin(planted).to_numpy()] += 6.0
+    """Scores of random 8-d latents and reconstruction errors per shard crop; crops of
+    ``planted`` images lie far out and are rebuilt worst."""
+    names = ("crop_id", "idx", "label", "x_min", "x_max", "y_min", "y_max")
+    rows = [tuple(s[name] for name in names) for shard in index["shard"] for s in shards.iter_shard(shard_dir / shard)]
+    latents = pd.DataFrame(rows, columns=[f"Metadata_{name}" for name in names])
+    rng = np.random.default_rng(9)
+    values = rng.normal(0, 1, (len(rows), 8))
+    is_planted = latents["Metadata_idx"].isin(planted).to_numpy()
+    values[is_planted] += 6.0
+    latents["Metadata_reconstruction_error"] = rng.uniform(0.01, 0.2, len(rows)) + 0.5 * is_planted
     latents = pd.concat([latents, pd.DataFrame(values, columns=[f"z_{i}" for i in range(8)])], axis=1)
     path = folder / "eval" / "outliers.tsv"
-    write_table(score_crops(latents, k=3, min_samples=3, marked=planted), path)
+    whole_image = (0, 0, 1 << 20, 1 << 20)
+    write_table(score_crops(latents, k=3, min_samples=3, boxes=dict.fromkeys(planted, whole_image)), path)
     return path
 
 
@@ -547,8 +549,9 @@ def test_outlier_section(built, inputs):
     assert len(injected) > 0
     ranks_line = next(p for p in page.paragraphs if p.startswith("Ranks of the injected-text crops"))
     assert ranks_line.split(": ")[1].split(", ") == [str(r) for r in injected["rank"]]
-    # The planted crops lie far from the rest, so they take the top ranks.
+    # The planted crops have the largest errors and lie far from the rest: top ranks on both.
     assert sorted(injected["rank"]) == list(range(1, len(injected) + 1))
+    assert sorted(injected["latent_rank"]) == list(range(1, len(injected) + 1))
     top = page.tables[[i for i, t in enumerate(page.tables) if t and "rank" in t[0]][-1]]
     top = pd.DataFrame(top[1:], columns=top[0])
     assert top["crop_id"].tolist() == outliers.sort_values("rank")["crop_id"].head(20).tolist()

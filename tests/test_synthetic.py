@@ -410,9 +410,16 @@ def test_defects_are_real_and_listed(collection):
         elif row.defect == "saturated":
             assert np.mean(image == top) > 0.999
         elif row.defect == "text":
-            values, counts = np.unique(image, return_counts=True)
-            # Lettering: many pixels share one bright value that natural pixels rarely hit.
-            assert counts[values == image.max()][0] > 0.003 * image.size
+            # Lettering: many pixels share one bright value that natural pixels rarely hit,
+            # all of them in the listed box, which they fill to each edge.
+            x_min, y_min, x_max, y_max = (int(getattr(row, name)) for name in ("x_min", "y_min", "x_max", "y_max"))
+            letters = image == image.max()
+            inside = letters[y_min:y_max, x_min:x_max]
+            assert inside.sum() > 0.003 * image.size
+            assert letters.sum() - inside.sum() < 0.05 * inside.sum()
+            assert inside[0].any() and inside[-1].any() and inside[:, 0].any() and inside[:, -1].any()
+        else:
+            assert row.x_min == row.y_min == row.x_max == row.y_max == ""
     # The defective images stay listed in the layouts' own metadata, like real ones.
     listed = (out / "bbbc021" / "BBBC021_v1_image.csv").read_text()
     assert all(Path(p).name in listed for p in gt[gt.layout == "bbbc021"].path)
