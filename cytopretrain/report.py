@@ -1086,7 +1086,8 @@ def _injected_summary(outliers: pd.DataFrame) -> list[str]:
 
 
 def _outlier_rows(frame: pd.DataFrame) -> pd.DataFrame:
-    return frame[["rank", "crop_id", "idx", "label", "score", "latent_rank", "dbscan_label", "is_outlier", "injected_text"]]
+    columns = ["rank", "crop_id", "idx", "label", "score", "latent_rank", "dbscan_label", "is_outlier", "injected_text"]
+    return frame[columns]
 
 
 def outlier_section(outliers: pd.DataFrame | None, by_id: dict[str, dict]) -> str:

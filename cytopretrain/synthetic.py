@@ -1110,7 +1110,10 @@ def plan_rxrx1(root: Path, seed: int, scale: float, size: int) -> LayoutPlan:
         n_channels = 4 if i == incomplete else 6
         paths = tuple(str(folder / f"{w['well']}_s{site}_w{c}.png") for c in range(1, n_channels + 1))
         if i == incomplete:
-            gt += [((folder / f"{w['well']}_s{site}_w{c}.png").relative_to(root).as_posix(), "missing", *NO_BOX) for c in (5, 6)]
+            gt += [
+                ((folder / f"{w['well']}_s{site}_w{c}.png").relative_to(root).as_posix(), "missing", *NO_BOX)
+                for c in (5, 6)
+            ]
         job = FieldJob(
             seed=(seed, 2, i), size=size, cell_type=w["cell_type"], effect=w["effect"],
             stains=tuple(s for s, _ in RXRX1_CHANNELS[:n_channels]),

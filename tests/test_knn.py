@@ -7,7 +7,9 @@ import pytest
 import torch
 from sklearn.neighbors import NearestNeighbors
 
-from cytopretrain.knn import KnnError, _bound_holds, _Search, _smallest_per_row, knn, knn_search, resolve_precision
+from cytopretrain.knn import (
+    KnnError, _bound_holds, _prepare, _Search, _smallest_per_row, knn, knn_search, resolve_precision,
+)
 
 torch.set_num_threads(2)
 PRECISIONS = ["fp32", "bf16"]
@@ -214,21 +216,28 @@ def test_float32_last_bit_differences(precision):
         np.testing.assert_array_equal(result.indices, expected_i)
 
 
+@pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("metric", ["euclidean", "cosine"])
 @pytest.mark.parametrize("scale", [1.0, 1e-12, 1e12])
-def test_float32_interval_holds_exact_distance(metric, scale):
+def test_shortlist_interval_holds_exact_distance(metric, scale, precision):
+    # Each shortlisted candidate's exact distance lies in [bound, upper]: the re-ranking skips
+    # candidates by these intervals, so they must hold at any scale and spread of features.
     rng = np.random.default_rng(int(np.log10(scale)) + 20)
     spread = rng.uniform(0, 4, size=500) ** 3
     queries = torch.from_numpy(((rng.normal(size=(40, 500)) * spread + 1.0) * scale).astype(np.float32))
     reference = torch.from_numpy(((rng.normal(size=(300, 500)) * spread + 1.0) * scale).astype(np.float32))
     search = _Search(queries, reference, 5, metric, False, None, 64, 96)
-    cand = torch.from_numpy(rng.integers(0, 300, size=(40, 30)))
-    low, high = search._approximate(queries, reference[cand], cand)
+    rows = torch.arange(40)
+    query = _prepare(search._rows64(queries), precision, metric, "query")
+    bounds, upper, candidates, _ = search._shortlist(rows, query, search.reference_side(precision), precision, 30)
     exact = brute_force(queries.numpy(), reference.numpy(), 300, metric)
     exact_by_index = np.take_along_axis(exact[0], np.argsort(exact[1], axis=1), 1)  # column j = reference j
-    values = np.take_along_axis(exact_by_index, cand.numpy(), 1)
+    values = np.take_along_axis(exact_by_index, candidates.numpy(), 1)
     values = values**2 if metric == "euclidean" else values
-    assert (low.numpy() <= values).all() and (values <= high.numpy()).all()
+    assert (bounds.numpy() <= values).all() and (values <= upper.numpy()).all()
+    # Not vacuous: the intervals are narrow next to the distances (bf16: 8 significant bits).
+    relative_width = (upper - bounds).numpy() / values
+    assert np.median(relative_width) < (0.2 if precision == "bf16" else 1e-3)
 
 
 def test_tie_cluster_larger_than_every_shortlist_is_brute_forced():

@@ -88,7 +88,9 @@ def shard_dir(tmp_path_factory):
             writer.write(row)
     labels = sorted({row["label"] for row in rows})
     metadata = conform(
-        pd.DataFrame({"idx": [r["idx"] for r in rows], "microscopy": "fluorescence", "channel_paths": [["x"]] * len(rows)}),
+        pd.DataFrame(
+            {"idx": [r["idx"] for r in rows], "microscopy": "fluorescence", "channel_paths": [["x"]] * len(rows)}
+        ),
         "test metadata",
     )
     shards.write_shards(

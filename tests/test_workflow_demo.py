@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from cytopretrain.config import random_baselines, validate_config
+from cytopretrain.imageio import read_image
 from cytopretrain.shards import iter_shard, load_index, load_labels
 from cytopretrain.tables import decode_pixels, read_table
 from workflow_helpers import check, demo_config, snakemake, write_config
@@ -202,6 +203,32 @@ def test_outliers_and_report(run):
     n_crops = load_index(results / "shards")["n_samples"].sum()
     assert len(scores) == n_crops
     assert sorted(scores["rank"].astype(int)) == list(range(1, n_crops + 1))
+    # The crops marked as showing injected text are those whose window meets the lettering's
+    # box, recomputed here from the pixels of the text images (lettering is at the maximum in
+    # every channel at once).
+    truth = pd.read_csv(results / "synthetic" / "ground_truth.csv")
+    merged = read_table(results / "metadata" / "merged.parquet", columns=["idx", "channel_paths"])
+    lettering = {}
+    for row in truth[truth["defect"] == "text"].itertuples():
+        for idx, paths in zip(merged["idx"], merged["channel_paths"]):
+            if any(str(path).endswith("/" + row.path) for path in paths):
+                lettering[idx] = np.all([(plane := read_image(p)) == plane.max() for p in paths], axis=0)
+    assert lettering
+    marked, shown = [], []
+    for idx, x0, x1, y0, y1 in scores[["idx", "x_min", "x_max", "y_min", "y_max"]].astype(
+        {"x_min": int, "x_max": int, "y_min": int, "y_max": int}
+    ).itertuples(index=False):
+        mask = lettering.get(idx)
+        if mask is None:
+            marked.append(False)
+            shown.append(False)
+            continue
+        ys, xs = np.nonzero(mask)
+        marked.append(x0 <= xs.max() and xs.min() < x1 and y0 <= ys.max() and ys.min() < y1)
+        shown.append(bool(mask[y0:y1, x0:x1].any()))
+    flags = scores["injected_text"].astype(str).eq("True")
+    assert flags.tolist() == marked
+    assert sum(shown) > 0 and flags[shown].all()
     html = (results / "report" / "report.html").read_text()
     assert "http://" not in html and "https://" not in html
     for heading in ("funnel", "Label distribution", "Training", "Evaluation", "Outlier"):
