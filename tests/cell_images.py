@@ -1,4 +1,4 @@
-"""Real single-cell images from ../shared/data, as the shard, loader and report tests use them."""
+"""Shared test data: the path of ../shared/data and real single-cell images from it."""
 
 from __future__ import annotations
 

@@ -25,8 +25,8 @@ from cytopretrain.crops import (
     upsample_chunk,
 )
 from cytopretrain.tables import PIXEL_FIELDS, ParquetStreamWriter, decode_pixels, encode_pixels, read_table
+from cell_images import DATA
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 RXRX1 = DATA / "rxrx1"
 
 STANDARDIZED_SCHEMA = pa.schema(

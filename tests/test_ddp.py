@@ -24,8 +24,8 @@ from cytopretrain import augment, data, train
 from cytopretrain.distributed import launch
 from cytopretrain.standardize import standardize_image
 from test_data import write_shard_set
+from cell_images import DATA
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 CELLS = DATA / "bbbc021_cells"
 SETTINGS = {
     "backbone": "resnet18",

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import warnings
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -21,9 +20,9 @@ from sklearn.preprocessing import StandardScaler
 
 from cytopretrain import evaluate as ev
 from cytopretrain.evaluate import EvaluationError
+from cell_images import DATA
 
 torch.set_num_threads(2)
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 BBBC021 = DATA / "bbbc021"
 
 

@@ -2,7 +2,6 @@
 source needs from the user (Kaggle token, Aspera client, a manual download)."""
 
 import re
-from pathlib import Path
 
 import pytest
 import yaml

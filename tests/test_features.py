@@ -25,8 +25,8 @@ from cytopretrain.features import (
 from cytopretrain.imageio import read_channels
 from cytopretrain.schema import SchemaError
 from cytopretrain.sources import run_adapter
+from cell_images import DATA
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"real test data not found at {DATA}")
 
 BBBC_CELLS_OPTIONS = {

@@ -12,8 +12,8 @@ import tifffile
 from PIL import Image
 
 from cytopretrain.imageio import ImageReadError, read_channels, read_image
+from cell_images import DATA
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"real test data not found at {DATA}")
 
 RNG = np.random.default_rng(7)

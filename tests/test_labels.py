@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -19,8 +18,8 @@ from cytopretrain.labels import (
 )
 from cytopretrain.schema import CANONICAL_FIELDS, LABEL_COLUMNS, SchemaError, conform
 from cytopretrain.tables import read_table, write_table
+from cell_images import DATA
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 NEEDED = ("idx", "name", *LABEL_COLUMNS)
 
 
@@ -48,7 +47,7 @@ def bare(label: str) -> str:
 
 def report_row(report: pd.DataFrame, token: str, category: str) -> pd.Series:
     match = report[(report.token == token) & (report.category == category)]
-    assert len(match) == 1, f"{category}:{label} appears {len(match)} times in the report"
+    assert len(match) == 1, f"{category}:{token} appears {len(match)} times in the report"
     return match.iloc[0]
 
 

@@ -14,8 +14,8 @@ from cytopretrain.metadata import describe, merge_tables, plot_description, read
 from cytopretrain.schema import CANONICAL_FIELDS, CANONICAL_SCHEMA, LABEL_COLUMNS, SchemaError
 from cytopretrain.sources import run_adapter
 from cytopretrain.tables import read_table, write_table
+from cell_images import DATA
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def real(name: str) -> Path:

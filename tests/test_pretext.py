@@ -5,7 +5,6 @@ EMA target, patch_location's pair geometry, autoencoder reconstructions, option 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -18,8 +17,8 @@ from cytopretrain import augment
 from cytopretrain.models import build_backbone
 from cytopretrain.pretext import BYOL, POSITIONS, PatchLocation, build_method, method_options
 from cytopretrain.standardize import standardize_image
+from cell_images import DATA
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 CELLS = DATA / "bbbc021_cells"
 
 

@@ -23,8 +23,8 @@ from cytopretrain.quality import (
     qc_chunk,
 )
 from cytopretrain.tables import ParquetStreamWriter, decode_pixels, encode_pixels, read_table
+from cell_images import DATA
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 RXRX1 = DATA / "rxrx1"
 SHAPE = (100, 100)
 

@@ -13,8 +13,8 @@ import pytest
 from cytopretrain.schema import CANONICAL_FIELDS, QUARANTINE_FIELDS, SchemaError
 from cytopretrain.sources import ADAPTERS, get_adapter, run_adapter
 from cytopretrain.sources.base import SourceError
+from cell_images import DATA
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def real(name: str) -> Path:

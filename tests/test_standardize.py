@@ -25,8 +25,8 @@ from cytopretrain.standardize import (
     standardize_chunk,
     standardize_image,
 )
+from cell_images import DATA
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"real test data not found at {DATA}")
 
 RNG = np.random.default_rng(11)
