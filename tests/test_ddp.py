@@ -7,7 +7,8 @@ uses global statistics and the averaged gradients are those of the whole batch. 
 end-to-end check trains real BBBC021 cells with both set-ups and compares the logged losses
 and the weight changes, running statistics included. It stops after two steps: with batches
 this small, batch norm amplifies float rounding (sums split over ranks are added in another
-order) about 50-fold per step, so longer runs drift apart by rounding alone.
+order, and oneDNN may pick other kernels for another batch size) by a factor of 50 or more
+per step, so longer runs drift apart by rounding alone.
 """
 
 from __future__ import annotations
@@ -102,7 +103,13 @@ def test_two_gloo_ranks_equal_one_process(cell_shards, tmp_path, method):
     card = json.loads((two / "model_card.json").read_text())
     assert card["world_size"] == 2 and card["settings"]["batch_size"] == 8
     assert len(losses(two)) == 2
-    np.testing.assert_allclose(losses(two), losses(one), rtol=2e-5)
+    # Step 1 starts from the same weights on the same images: equal up to float rounding.
+    # Step 2 follows one update, whose rounding differences the small-batch batch norm
+    # amplifies; their size depends on the CPU's kernels (4e-4 seen on an Intel Xeon with
+    # AMX, under 2e-5 on an AMD EPYC), far below a wrong gradient average (several %).
+    ranks, single = losses(two), losses(one)
+    np.testing.assert_allclose(ranks[0], single[0], rtol=2e-5)
+    np.testing.assert_allclose(ranks[1], single[1], rtol=2e-3)
     assert_same_updates(weights(one), weights(two), initial_weights({**settings, "batch_size": 16}, 2))
     # The comparison can fail: one process of the per-rank batch trains differently.
     half = tmp_path / "half"
