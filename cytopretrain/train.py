@@ -463,8 +463,7 @@ def _check_resumable(state: dict, settings: dict, index_sha256: str, world_size:
             if key not in RESUME_NEUTRAL and settings.get(key) != state["settings"].get(key)
         )
         raise ValueError(
-            f"checkpoint at step {state['step']} was trained with other settings (changed: "
-            f"{changed}); use another out_dir or resume=False"
+            f"checkpoint at step {state['step']} was trained with other settings (changed: {changed})"
         )
     if state["index_sha256"] != index_sha256:
         raise ValueError(f"checkpoint at step {state['step']} was trained on another shard index")
@@ -613,7 +612,10 @@ class Trainer:
         }
 
     def load(self, state: dict) -> None:
-        _check_resumable(state, self.settings, self.index_sha256, self.runtime.world_size)
+        try:
+            _check_resumable(state, self.settings, self.index_sha256, self.runtime.world_size)
+        except ValueError as mismatch:
+            raise ValueError(f"{mismatch}; use another out_dir or resume=False") from None
         self.method.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

@@ -252,7 +252,8 @@ def test_byol_resume_keeps_the_target_network(shard_dir, tmp_path):
 
 def test_changed_settings_refuse_to_resume(shard_dir, tmp_path):
     train.train(BASE, shard_dir, tmp_path, max_steps_this_run=2)
-    with pytest.raises(ValueError, match=r"other settings \(changed: \['lr'\]\)"):
+    hint = r"; use another out_dir or resume=False"
+    with pytest.raises(ValueError, match=r"other settings \(changed: \['lr'\]\)" + hint):
         train.train({**BASE, "lr": 1e-3}, shard_dir, tmp_path)
     # Logging and worker settings do not change the run: resuming with them is allowed.
     result = train.train(
@@ -276,6 +277,7 @@ def test_stale_checkpoints_are_discarded_so_a_changed_run_starts_over(shard_dir,
     train.train({**BASE, "lr": 1e-3}, shard_dir, tmp_path, max_steps_this_run=3)
     reason = train.discard_stale_checkpoints(tmp_path, BASE, shard_dir)
     assert "changed: ['lr']" in reason and checkpoint_steps(tmp_path) == []
+    assert "resume=False" not in reason  # a library hint, meaningless to a workflow user
     # The run then trains from step 0 to the uninterrupted result.
     train.train(BASE, shard_dir, tmp_path)
     assert_same_weights(tmp_path, reference["out"])
