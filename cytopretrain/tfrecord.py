@@ -24,7 +24,6 @@ from __future__ import annotations
 import io
 import os
 import struct
-from pathlib import Path
 from typing import BinaryIO, Iterator
 
 import crc32c
