@@ -80,9 +80,13 @@ def test_histogram_percentiles_equal_numpy(n, dtype):
         np.testing.assert_allclose(histogram_percentiles(counts, low, high), expected, rtol=1e-12, atol=1e-9)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float64", "int64", "uint32"])
+@pytest.mark.parametrize("dtype", ["float32", "float64", "int64", "uint32", "uint16", "int16", "uint8", "int8"])
 def test_selection_percentiles_equal_numpy(dtype):
-    values = microscopy_like((70, 90), dtype) if dtype.startswith("f") else RNG.integers(0, 2**31, 5000).astype(dtype)
+    if dtype.startswith("f"):
+        values = microscopy_like((70, 90), dtype)
+    else:
+        info = np.iinfo(dtype)
+        values = RNG.integers(info.min, min(info.max, 2**31), 5000, endpoint=True).astype(dtype)
     for low, high in ((0.1, 99.9), (0.0, 100.0), (33.3, 66.6)):
         np.testing.assert_allclose(selection_percentiles(values, low, high), np.percentile(values, [low, high]),
                                    rtol=1e-7)
