@@ -311,6 +311,23 @@ def bbbc021_from_well_profiles(
     profile is the ``aggregate`` (mean by default) of its z-scored wells, 1-NN by cosine
     distance. Returns {"nsc": result, "nscb": result, "n_wells": ..., "n_features": ...}.
     """
+    profiles = bbbc021_well_table(well_table, image_csv, moa_csv, plate_col=plate_col, well_col=well_col)
+    n_features = sum(not column.startswith("Metadata_") for column in profiles.columns)
+    return {"nsc": nsc(profiles, aggregate=aggregate), "nscb": nscb(profiles, aggregate=aggregate),
+            "n_wells": len(profiles), "n_features": n_features}
+
+
+def bbbc021_well_table(
+    well_table: pd.DataFrame | str | os.PathLike,
+    image_csv: pd.DataFrame | str | os.PathLike,
+    moa_csv: pd.DataFrame | str | os.PathLike,
+    *,
+    plate_col: str = "Image_Metadata_Plate",
+    well_col: str = "Image_Metadata_Well",
+) -> pd.DataFrame:
+    """The per-well table as a profile table, joined as ``bbbc021_from_well_profiles`` says:
+    Metadata_ plate, well, compound, concentration, moa (NaN when unknown) and batch, then the
+    features, one row per well in the table's order."""
     wells = _read_table(well_table, "well_table")
     images = _read_table(image_csv, "image_csv")
     moa = _read_table(moa_csv, "moa_csv")
@@ -349,9 +366,7 @@ def bbbc021_from_well_profiles(
         "Metadata_moa": joined["moa"],
         "Metadata_batch": joined[plate_col].astype(str).str.split("_").str[0],
     })
-    profiles = pd.concat([metadata, wells[features].reset_index(drop=True)], axis=1)
-    return {"nsc": nsc(profiles, aggregate=aggregate), "nscb": nscb(profiles, aggregate=aggregate),
-            "n_wells": len(wells), "n_features": len(features)}
+    return pd.concat([metadata, wells[features].reset_index(drop=True)], axis=1)
 
 
 def read_profile_table(path: str | os.PathLike) -> pd.DataFrame:

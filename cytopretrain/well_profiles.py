@@ -14,10 +14,14 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pandas as pd
+from sklearn.preprocessing import StandardScaler
 
 from cytopretrain.config import TABLE_SUFFIXES
-from cytopretrain.evaluate import EvaluationError, bbbc021_from_well_profiles, read_profile_table
+from cytopretrain.evaluate import (
+    EvaluationError, bbbc021_from_well_profiles, bbbc021_well_table, embedding_2d, read_profile_table,
+)
 
 BENCHMARK = "bbbc021"
 # Row of cytopretrain.summary.PUBLISHED printed beside the NSC result (the preprint has no NSCB).
@@ -41,14 +45,17 @@ def read_table(path: str | os.PathLike, key: str) -> pd.DataFrame:
     return read_profile_table(path)
 
 
-def evaluate_well_profiles(name: str, spec: dict, files: dict[str, str]) -> dict:
-    """NSC and NSCB of one ``well_profiles`` entry as an evaluation record.
+def evaluate_well_profiles(name: str, spec: dict, files: dict[str, str]) -> tuple[dict, pd.DataFrame]:
+    """NSC and NSCB of one ``well_profiles`` entry as an evaluation record, and its embedding.
 
     ``spec`` is the validated config entry (plate_col, well_col, aggregate); ``files`` maps
     path, image_csv and moa_csv to the files to read. The protocol choices are those of
     ``bbbc021_from_well_profiles``: DMSO and MOA-less wells dropped, StandardScaler fit on the
     treated MOA-annotated wells, a treatment's profile the ``aggregate`` of its z-scored wells,
     1-NN by cosine distance excluding the same compound (and, for NSCB, the same batch).
+    The embedding (columns idx = "<plate>/<well>", label = MOA, x, y) is the 2-D FastICA of
+    the wells the protocols use, z-scored the same way, as the report draws for every
+    benchmark x model.
     """
     key = f"well_profiles.{name}"
     tables = {table: read_table(files[table], f"{key}.{table}") for table in TABLES}
@@ -75,7 +82,7 @@ def evaluate_well_profiles(name: str, spec: dict, files: dict[str, str]) -> dict
             table_key = ERROR_PREFIXES[table]
             raise WellProfileError(f"{key}.{table_key} ({files[table_key]}): {detail}") from exc
         raise WellProfileError(f"{key} ({files['path']}): {exc}") from exc
-    return {
+    record = {
         "benchmark": BENCHMARK,
         "model": name,
         "published": PUBLISHED,
@@ -90,3 +97,22 @@ def evaluate_well_profiles(name: str, spec: dict, files: dict[str, str]) -> dict
         },
         "results": {"nsc": result["nsc"], "nscb": result["nscb"]},
     }
+    # The tables passed the checks above: joining them again cannot fail.
+    joined = bbbc021_well_table(wells, tables["image_csv"], tables["moa_csv"], plate_col=spec["plate_col"],
+                                well_col=spec["well_col"])
+    return record, well_embedding(joined)
+
+
+def well_embedding(profiles: pd.DataFrame) -> pd.DataFrame:
+    """2-D FastICA of the treated, MOA-annotated wells, z-scored (StandardScaler fit on them),
+    as ``nsc`` scales them: idx ("<plate>/<well>"), label (MOA), x, y."""
+    moa = profiles["Metadata_moa"]
+    used = profiles[moa.notna() & (profiles["Metadata_compound"].str.upper() != "DMSO")].reset_index(drop=True)
+    features = used[[c for c in used.columns if not c.startswith("Metadata_")]].to_numpy(np.float64)
+    coordinates = embedding_2d(StandardScaler().fit_transform(features), seed=0)
+    return pd.DataFrame({
+        "idx": used["Metadata_plate"] + "/" + used["Metadata_well"],
+        "label": used["Metadata_moa"],
+        "x": coordinates[:, 0],
+        "y": coordinates[:, 1],
+    })

@@ -3,7 +3,7 @@
 import pandas as pd
 from _workflow import setup_logging
 
-from cytopretrain.labels import REPORT_SCHEMA, SELECTION_SCHEMA, assign_weak_labels
+from cytopretrain.labels import SELECTION_SCHEMA, assign_weak_labels
 from cytopretrain.schema import LABEL_COLUMNS
 from cytopretrain.tables import read_table, write_table
 

@@ -5,6 +5,7 @@ import copy
 import json
 import math
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -102,8 +103,13 @@ def test_tsv_table_and_errors_naming_key_and_file(tmp_path):
     wells.rename(columns={"Image_Metadata_Plate": "Plate"}).to_csv(tmp_path / "wells.tsv", sep="\t", index=False)
     spec = {"plate_col": "Plate", "well_col": "Image_Metadata_Well", "aggregate": "mean"}
     files = {"path": str(tmp_path / "wells.tsv"), "image_csv": str(IMAGES), "moa_csv": str(MOA)}
-    record = evaluate_well_profiles("renamed", spec, files)
+    record, embedding = evaluate_well_profiles("renamed", spec, files)
     assert (record["results"]["nsc"]["correct"], record["results"]["nscb"]["correct"]) == (87, 65)
+    # The embedding holds the wells NSC uses: treated, with an MOA (its n_rows_used).
+    assert len(embedding) == record["results"]["nsc"]["n_rows_used"] > 0
+    assert list(embedding.columns) == ["idx", "label", "x", "y"] and embedding["idx"].is_unique
+    assert set(embedding["label"]) == {t["moa"] for t in record["results"]["nsc"]["treatments"]}
+    assert np.isfinite(embedding[["x", "y"]].to_numpy()).all()
 
     with pytest.raises(WellProfileError, match=r"^well_profiles\.renamed\.plate_col: column "
                                                r"'Image_Metadata_Plate' is not in .*wells\.tsv"):
@@ -152,8 +158,12 @@ def test_demo_with_well_profiles_plans_them_beside_the_cnn_evaluations(tmp_path)
     counts = dict(line.split() for line in (plan.stdout + plan.stderr).splitlines()
                   if len(line.split()) == 2 and line.split()[1].isdigit())
     assert counts["evaluate_well_profiles"] == "1" and counts["summarize_evaluation"] == "1"
-    # The demo's curation, training and report stay.
+    # The demo's curation, training and report stay; the report draws the per-well profiles'
+    # embedding and confusion matrix beside the CNN models'.
     assert {"write_shards", "train_pretext", "evaluate", "report"} <= set(counts)
+    plan = check(snakemake(tmp_path, "-n", "results/report/report.html"))
+    report_job = (plan.stdout + plan.stderr).split("rule report:")[1].split("\n\n")[0]
+    assert "results/eval/well_profiles/ljosa.json" in report_job
 
 
 # --- config validation -----------------------------------------------------------------------

@@ -5,7 +5,7 @@ rule report:
         labels="results/shards/labels.tsv",
         index="results/shards/index.tsv",
         summary="results/eval/summary.tsv",
-        evaluations=get_evaluations,
+        evaluations=get_summary_inputs,
         cards=get_training_outputs(),
         outliers=get_outlier_outputs(),
     output:

@@ -3,6 +3,7 @@ rule evaluate_well_profiles:
         unpack(get_well_profile_inputs),
     output:
         result="results/eval/well_profiles/{name}.json",
+        embedding="results/eval/well_profiles/{name}.embedding.tsv",
     log:
         "logs/evaluate_well_profiles/{name}.log",
     benchmark:
