@@ -312,6 +312,11 @@ def bbbc021_from_well_profiles(
     distance. Returns {"nsc": result, "nscb": result, "n_wells": ..., "n_features": ...}.
     """
     profiles = bbbc021_well_table(well_table, image_csv, moa_csv, plate_col=plate_col, well_col=well_col)
+    return bbbc021_well_results(profiles, aggregate=aggregate)
+
+
+def bbbc021_well_results(profiles: pd.DataFrame, *, aggregate: str = "mean") -> dict:
+    """``bbbc021_from_well_profiles``'s result from its joined table (``bbbc021_well_table``)."""
     n_features = sum(not column.startswith("Metadata_") for column in profiles.columns)
     return {"nsc": nsc(profiles, aggregate=aggregate), "nscb": nscb(profiles, aggregate=aggregate),
             "n_wells": len(profiles), "n_features": n_features}

@@ -702,8 +702,7 @@ def text_box(shape: tuple[int, int], text: str) -> tuple[int, int, int, int]:
     return int(cols.min()), int(rows.min()), int(cols.max()) + 1, int(rows.max()) + 1
 
 
-def apply_defect(planes: list[np.ndarray], defect: str, max_value: float, rng: np.random.Generator,
-                 text: str = "") -> list[np.ndarray]:
+def apply_defect(planes: list[np.ndarray], defect: str, max_value: float, text: str = "") -> list[np.ndarray]:
     """Pixel defects on all channels of one image (file-level defects are written later)."""
     if defect == "blank":
         return [np.full_like(p, np.round(np.median(p))) for p in planes]
@@ -839,7 +838,7 @@ def render_field(job: FieldJob) -> list[np.ndarray]:
         recipe = _protein_recipe(stain) if stain.startswith("protein:") else STAINS[stain]
         signal = field_.stain(recipe)
         planes.append(acquire(rng, signal, bg, amp, job.optics, c, illumination))
-    return apply_defect(planes, job.defect, job.optics.max_value, rng, job.text)
+    return apply_defect(planes, job.defect, job.optics.max_value, job.text)
 
 
 def _protein_recipe(stain: str) -> dict[str, float]:
@@ -874,7 +873,7 @@ def render_cell(job: CellJob) -> list[np.ndarray]:
         acquire(rng, protein, bg_p, amp_p * job.protein_level, job.optics, 0, illumination),
         acquire(rng, reference, bg_r, amp_r, job.optics, 1, illumination),
     ]
-    return apply_defect(planes, job.defect, job.optics.max_value, rng)
+    return apply_defect(planes, job.defect, job.optics.max_value)
 
 
 def run_job(job: FieldJob | CellJob) -> None:

@@ -2,9 +2,10 @@
 
 A ``well_profiles.<name>`` config entry names three tables: the per-well profiles (``path``,
 keyed by ``plate_col`` and ``well_col``), BBBC021_v1_image.csv and BBBC021_v1_moa.csv. This
-module reads them (CSV or TSV, optionally gzipped, or Parquet, by file-name ending), runs
-:func:`cytopretrain.evaluate.bbbc021_from_well_profiles` and returns the record written to
-``results/eval/well_profiles/<name>.json``. The record has the shape of the benchmark
+module reads them (CSV or TSV, optionally gzipped, or Parquet, by file-name ending), runs the
+protocol of :func:`cytopretrain.evaluate.bbbc021_from_well_profiles` (its join, then NSC and
+NSCB) and returns the record written to ``results/eval/well_profiles/<name>.json`` with the
+wells' 2-D embedding. The record has the shape of the benchmark
 evaluations (benchmark, model, published, label, n_profiles, results) with benchmark
 ``bbbc021`` and model ``<name>``, so summary.tsv lists the profiles beside CNN features on
 BBBC021 and CytoImageNet's published figures. Every error names the config key and the file.
@@ -20,14 +21,14 @@ from sklearn.preprocessing import StandardScaler
 
 from cytopretrain.config import TABLE_SUFFIXES
 from cytopretrain.evaluate import (
-    EvaluationError, bbbc021_from_well_profiles, bbbc021_well_table, embedding_2d, read_profile_table,
+    EvaluationError, bbbc021_well_results, bbbc021_well_table, embedding_2d, read_profile_table,
 )
 
 BENCHMARK = "bbbc021"
 # Row of cytopretrain.summary.PUBLISHED printed beside the NSC result (the preprint has no NSCB).
 PUBLISHED = "bbbc021_nsc"
 TABLES = ("path", "image_csv", "moa_csv")
-# bbbc021_from_well_profiles starts its errors with the name of the table at fault.
+# bbbc021_well_table starts its errors with the name of the table at fault.
 ERROR_PREFIXES = {"well_table": "path", "image_csv": "image_csv", "moa_csv": "moa_csv"}
 
 
@@ -68,14 +69,10 @@ def evaluate_well_profiles(name: str, spec: dict, files: dict[str, str]) -> tupl
                 f"(its first columns: {', '.join(map(str, wells.columns[:6]))})"
             )
     try:
-        result = bbbc021_from_well_profiles(
-            wells,
-            tables["image_csv"],
-            tables["moa_csv"],
-            plate_col=spec["plate_col"],
-            well_col=spec["well_col"],
-            aggregate=spec["aggregate"],
+        joined = bbbc021_well_table(
+            wells, tables["image_csv"], tables["moa_csv"], plate_col=spec["plate_col"], well_col=spec["well_col"]
         )
+        result = bbbc021_well_results(joined, aggregate=spec["aggregate"])
     except EvaluationError as exc:
         table, _, detail = str(exc).partition(": ")
         if table in ERROR_PREFIXES:
@@ -97,9 +94,6 @@ def evaluate_well_profiles(name: str, spec: dict, files: dict[str, str]) -> tupl
         },
         "results": {"nsc": result["nsc"], "nscb": result["nscb"]},
     }
-    # The tables passed the checks above: joining them again cannot fail.
-    joined = bbbc021_well_table(wells, tables["image_csv"], tables["moa_csv"], plate_col=spec["plate_col"],
-                                well_col=spec["well_col"])
     return record, well_embedding(joined)
 
 
