@@ -147,6 +147,50 @@ def test_npy_layouts(tmp_path):
         assert read_error(tmp_path / f"{name}.npy").reason == "bad_shape"
 
 
+def test_npy_versions_orders_and_headers_read_as_np_load(tmp_path):
+    """The one-read NPY reader against np.load: format versions 1 and 2, Fortran order,
+    several files sharing one header (parsed once) and a writable result."""
+    rng = np.random.default_rng(3)
+    arrays = {
+        "v1": rng.integers(0, 4096, (20, 30, 3)).astype(np.uint16),
+        "fortran": np.asfortranarray(rng.random((20, 30)).astype(np.float64)),
+        "same_header": rng.integers(0, 4096, (20, 30, 3)).astype(np.uint16),
+    }
+    for name, array in arrays.items():
+        np.save(tmp_path / f"{name}.npy", array)
+    with open(tmp_path / "v2.npy", "wb") as file:
+        np.lib.format.write_array(file, arrays["v1"], version=(2, 0))
+    arrays["v2"] = arrays["v1"]
+    for name, array in arrays.items():
+        out = read_image(tmp_path / f"{name}.npy")
+        reference = np.load(tmp_path / f"{name}.npy")
+        assert out.dtype == reference.dtype and out.flags.writeable
+        np.testing.assert_array_equal(out, reference)
+        np.testing.assert_array_equal(out, array)
+
+
+def test_bad_npy_files_name_their_reason(tmp_path):
+    good = tmp_path / "good.npy"
+    np.save(good, np.zeros((8, 8), np.uint16))
+    data = good.read_bytes()
+    (tmp_path / "magic.npy").write_bytes(b"\x00" * 6 + data[6:])
+    (tmp_path / "version.npy").write_bytes(data[:6] + b"\x09" + data[7:])
+    (tmp_path / "header.npy").write_bytes(data.replace(b"'descr'", b"'dexcr'"))
+    (tmp_path / "syntax.npy").write_bytes(data.replace(b"{", b"[", 1))
+    for name in ("magic", "version", "header", "syntax"):
+        error = read_error(tmp_path / f"{name}.npy")
+        assert error.reason == "unreadable" and f"{name}.npy" in error.detail, (name, error.detail)
+    np.save(tmp_path / "objects.npy", np.array([{"a": 1}, None], dtype=object), allow_pickle=True)
+    error = read_error(tmp_path / "objects.npy")
+    assert error.reason == "unsupported_format" and "objects" in error.detail
+
+
+def test_a_directory_with_an_image_suffix_is_unreadable(tmp_path):
+    (tmp_path / "folder.tif").mkdir()
+    error = read_error(tmp_path / "folder.tif")
+    assert error.reason == "unreadable" and "not a regular file" in error.detail
+
+
 # ------------------------------------------------------------------ failures
 
 
