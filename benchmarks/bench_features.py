@@ -11,8 +11,8 @@ Image sets:
   image (224 x 224, uncompressed).
 
 For each set and precision, alternating ``--repeat`` times:
-- pipeline: cytopretrain.features.extract_features on the table (read, percentile-normalize,
-  merge, batch by shape, forward, profile table);
+- pipeline: cytopretrain.features.extract_features on the table (read, percentile-normalize
+  and merge a batch of images at a time, batch by shape, forward, profile table);
 - bare: the backbone's forward alone on the same batches, already normalized, repeated to 3
   channels and laid out in memory (the work the pipeline cannot avoid).
 The two alternate on chunks of ``--chunk`` images (half that for tiff224), so both see the
@@ -84,17 +84,14 @@ def tiff_table(folder: Path, n_images: int, size: int = 224, seed: int = 0) -> p
 
 def bare_batches(table: pd.DataFrame, channels_last: bool) -> list[torch.Tensor]:
     """The pipeline's batches (same grouping, same values) as ready (B, 3, H, W) tensors."""
-    grey = []
+    by_shape: dict[tuple, list[torch.Tensor]] = {}
     for paths in table["channel_paths"]:
-        planes, active = unit_channels(read_channels(paths))
-        grey.append(merge_channels(planes, active))
-    by_shape: dict[tuple, list[np.ndarray]] = {}
-    for image in grey:
-        by_shape.setdefault(image.shape, []).append(image)
+        image = read_channels(paths).transpose(2, 0, 1)[None]
+        by_shape.setdefault(image.shape, []).append(merge_channels(*unit_channels(image)))
     batches = []
     for images in by_shape.values():
         for start in range(0, len(images), BATCH_SIZE):
-            x = torch.from_numpy(np.stack(images[start : start + BATCH_SIZE])).expand(-1, 3, -1, -1)
+            x = torch.cat(images[start : start + BATCH_SIZE]).expand(-1, 3, -1, -1)
             layout = torch.channels_last if channels_last else torch.contiguous_format
             batches.append(x.contiguous(memory_format=layout))
     return batches
@@ -143,7 +140,12 @@ def cost_breakdown(name: str, table: pd.DataFrame) -> None:
         return min(times) / len(table) * 1e3
 
     read = best_ms(lambda: [read_channels(p) for p in paths])
-    normalize = best_ms(lambda: [merge_channels(*unit_channels(image)) for image in images])
+    # as the pipeline does it: stacks of a batch of images, normalized and merged together
+    stacks = [
+        np.stack([image.transpose(2, 0, 1) for image in images[start : start + BATCH_SIZE]])
+        for start in range(0, len(images), BATCH_SIZE)
+    ]
+    normalize = best_ms(lambda: [merge_channels(*unit_channels(stack)) for stack in stacks])
     parts = [f"read {read:.3f}", f"normalize+merge {normalize:.3f}"]
     for bf16 in (False, True):
         with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):

@@ -52,6 +52,7 @@ is left as the run used it.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -68,7 +69,7 @@ import torch.nn.functional as F
 from cytopretrain.imageio import ImageReadError, read_channels
 from cytopretrain.models import Backbone, build_backbone
 from cytopretrain.schema import QUARANTINE_FIELDS, SchemaError
-from cytopretrain.standardize import histogram_percentiles, level_counts, selection_percentiles
+from cytopretrain.standardize import histogram_percentiles, level_counts, percentile_bracket
 from cytopretrain.tables import atomic_path
 
 STAGE = "extract_features"
@@ -97,9 +98,18 @@ METADATA_COLUMNS = (
 _FLOAT_METADATA = ("concentration",)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-# Below this many pixels np.partition beats a histogram for uint8/uint16 percentiles (measured:
-# 68 x 68 uint16 17 us against 60 us, 224 x 224 uint16 410 us against 120 us).
+# Below this many pixels selection beats a histogram for uint8/uint16 percentiles (measured per
+# plane: 68 x 68 uint16 17 us by np.partition against 60 us, 224 x 224 uint16 410 us against 120 us).
 _SELECTION_MAX_PIXELS = 1 << 15
+# torch.topk finds percentiles this close to either end of the sorted values faster than a
+# partition of the whole plane (68 x 68 planes, k = 6: 3.5 us per plane on 2 threads against 14).
+_TOPK_MAX_RANK = 64
+# The float dtype that holds every value of a pixel dtype exactly (topk runs on floats).
+_EXACT_FLOAT = {
+    np.dtype(np.uint8): np.float32, np.dtype(np.int8): np.float32, np.dtype(np.uint16): np.float32,
+    np.dtype(np.int16): np.float32, np.dtype(np.float32): np.float32, np.dtype(np.uint32): np.float64,
+    np.dtype(np.int32): np.float64, np.dtype(np.float64): np.float64,
+}
 # Backbones that run fp32 on the CPU faster in NCHW than in channels_last (measured on this
 # project's 2-core machines: densenet121 0.7x in channels_last; efficientnet_b0 1.2-2.5x and
 # the ResNets up to 2x faster in channels_last).
@@ -158,13 +168,50 @@ class ExtractionOptions:
             raise ValueError(f"num_workers must be a non-negative integer, got {self.num_workers!r}")
 
 
-# ---------------------------------------------------------------- per image
+# ---------------------------------------------------------------- images of one shape, batched
+#
+# Steps 2-5 run on a stack of images of one shape and dtype at a time (a load group, see
+# _load_group): a few vectorized passes over the stack instead of a dozen small calls per image,
+# which on 68 px crops cost more than the arithmetic itself.
 
 
-def _channel_percentiles(plane: np.ndarray, low: float, high: float) -> tuple[float, float]:
-    if plane.dtype in (np.uint8, np.uint16) and plane.size > _SELECTION_MAX_PIXELS:
-        return histogram_percentiles(level_counts(plane), low, high)
-    return selection_percentiles(plane, low, high)
+def _histogram_wins(dtype: np.dtype, pixels: int) -> bool:
+    return dtype in (np.uint8, np.uint16) and pixels > _SELECTION_MAX_PIXELS
+
+
+def plane_percentiles(planes: np.ndarray, low: float, high: float) -> tuple[np.ndarray, np.ndarray]:
+    """The low-th and high-th percentiles (np.percentile's linear method) of each row of an
+    (N, n) array of N flattened planes, as two float64 arrays of N values.
+
+    Three ways to the same order statistics, picked by measured cost:
+    - uint8 / uint16 planes of more than _SELECTION_MAX_PIXELS pixels: a histogram per plane;
+    - otherwise, when both percentiles lie within _TOPK_MAX_RANK values of the ends (the
+      default 0.1 / 99.9 up to ~60,000 pixels): torch.topk of the few smallest and largest values
+      of every plane at once, on a float copy that holds every value exactly (float32 for
+      8/16-bit integers and float32, float64 for 32-bit integers and float64);
+    - else np.partition along the rows, in the native dtype.
+    """
+    count, n = planes.shape
+    (k_low, k_low_next, w_low), (k_high, k_high_next, w_high) = percentile_bracket(n, low), percentile_bracket(n, high)
+    if _histogram_wins(planes.dtype, n):
+        pairs = [histogram_percentiles(level_counts(plane), low, high) for plane in planes]
+        values = np.array(pairs, np.float64).reshape(count, 2)
+        return values[:, 0], values[:, 1]
+    exact = _EXACT_FLOAT.get(planes.dtype)
+    if exact is not None and k_low_next < _TOPK_MAX_RANK and n - k_high <= _TOPK_MAX_RANK:
+        x = torch.from_numpy(planes.astype(exact, copy=False))
+        smallest = torch.topk(x, k_low_next + 1, dim=1, largest=False, sorted=True).values.double().numpy()
+        # largest[:, j] is the (n - 1 - j)-th smallest value
+        largest = torch.topk(x, n - k_high, dim=1, largest=True, sorted=True).values.double().numpy()
+        order = {k_low: smallest[:, k_low], k_low_next: smallest[:, k_low_next],
+                 k_high: largest[:, n - 1 - k_high], k_high_next: largest[:, n - 1 - k_high_next]}
+    else:
+        ranks = sorted({k_low, k_low_next, k_high, k_high_next})
+        partitioned = np.partition(planes, ranks, axis=1)
+        order = {k: partitioned[:, k].astype(np.float64) for k in ranks}
+    lower = order[k_low] + w_low * (order[k_low_next] - order[k_low])
+    upper = order[k_high] + w_high * (order[k_high_next] - order[k_high])
+    return lower, upper
 
 
 def _dtype_range(dtype: np.dtype) -> tuple[float, float]:
@@ -183,68 +230,64 @@ def _check_finite(image: np.ndarray) -> None:
 
 
 def unit_channels(
-    image: np.ndarray, *, normalize: bool = True, low: float = 0.1, high: float = 99.9
-) -> tuple[np.ndarray, np.ndarray]:
-    """An (H, W, C) image as float32 (C, H, W) planes in [0, 1] (step 2 of the module
-    docstring) and a boolean mask (C,) of the channels with contrast (all True without
-    normalization). Raises FeatureInputError ("uniform", "non_finite")."""
-    if image.ndim == 2:
-        image = image[:, :, None]
-    _check_finite(image)
-    n_channels = image.shape[2]
-    # Channel planes contiguous (a no-op for images read one file per channel): the percentile
-    # helpers then need no copy of each plane (measured 10 % faster on 68 x 68 x 3 crops).
-    planes_in = np.ascontiguousarray(image.transpose(2, 0, 1))
-    lower = np.zeros(n_channels)
-    scale = np.zeros(n_channels)  # 0 maps a uniform channel to zeros
-    active = np.ones(n_channels, bool)
-    for c in range(n_channels):
-        if normalize:
-            low_value, high_value = _channel_percentiles(planes_in[c], low, high)
-        else:
-            low_value, high_value = _dtype_range(image.dtype)
-        if high_value <= low_value:
-            active[c] = False
-        else:
-            lower[c], scale[c] = low_value, 1.0 / (high_value - low_value)
-    if not active.any():
-        raise FeatureInputError("uniform", f"all {n_channels} channel(s) uniform (p{low} == p{high})")
-    # One pass per operation over all channels. The subtraction runs in float32 for data that
-    # fits it (uint8, uint16, float32) and in float64 for wider data, where a large offset with a
-    # tiny span would not survive float32; its result, within the span, then fits float32.
-    planes = np.empty(planes_in.shape, np.float32)
-    work = np.result_type(image.dtype, np.float32)
-    np.subtract(planes_in, lower.astype(work)[:, None, None], out=planes, casting="unsafe")
-    np.multiply(planes, scale.astype(np.float32)[:, None, None], out=planes)
-    np.clip(planes, 0.0, 1.0, out=planes)
+    images: np.ndarray, *, normalize: bool = True, low: float = 0.1, high: float = 99.9
+) -> tuple[torch.Tensor, np.ndarray]:
+    """A stack of B images of one shape and dtype, (B, C, H, W), as float32 planes in [0, 1]
+    (step 2 of the module docstring), (B, C, H, W), and a boolean mask (B, C) of the channels
+    with contrast (all True without normalization). Pixels must be finite (_check_finite); an
+    image whose channels all lack contrast comes back all zeros, with no channel active."""
+    count, channels = images.shape[:2]
+    # The subtraction runs in float32 for data that fits it (8/16-bit integers, float32) and in
+    # float64 for wider data, where a large offset with a tiny span would not survive float32;
+    # its result, within the span, then fits float32. The copy is worked on in place: fresh
+    # buffers of this size cost page faults on every call.
+    work = np.result_type(images.dtype, np.float32)
+    x = images.astype(work)
+    if normalize:
+        # the float copy serves the percentiles too, unless they come from native integers
+        exact = images.dtype in _EXACT_FLOAT and not _histogram_wins(images.dtype, images[0, 0].size)
+        source = x if exact else images
+        lower, upper = plane_percentiles(source.reshape(count * channels, -1), low, high)
+        lower, upper = lower.reshape(count, channels), upper.reshape(count, channels)
+    else:
+        low_value, high_value = _dtype_range(images.dtype)
+        lower, upper = np.full((count, channels), low_value), np.full((count, channels), high_value)
+    active = upper > lower
+    scale = np.where(active, 1.0 / np.where(active, upper - lower, 1.0), 0.0)  # 0 maps a uniform channel to 0
+    shape = (count, channels, 1, 1)
+    planes = torch.from_numpy(x).sub_(torch.from_numpy(lower.astype(work)).view(shape)).to(torch.float32)
+    planes.mul_(torch.from_numpy(scale.astype(np.float32)).view(shape)).clamp_(0.0, 1.0)
     return planes, active
 
 
-def merge_channels(planes: np.ndarray, active: np.ndarray) -> np.ndarray:
-    """(C, H, W) -> (1, H, W): the mean of the channels with contrast."""
-    chosen = planes if active.all() else planes[active]
-    return chosen.mean(axis=0, dtype=np.float32, keepdims=True)
+def merge_channels(planes: torch.Tensor, active: np.ndarray) -> torch.Tensor:
+    """(B, C, H, W) -> (B, 1, H, W): per image the mean of its channels with contrast (the
+    others are zeros, so their sum over the count of the active ones)."""
+    # Channel by channel: a reduction over a short middle axis measured 3-5x slower.
+    merged = planes[:, :1].clone()
+    for c in range(1, planes.shape[1]):
+        merged.add_(planes[:, c : c + 1])
+    counts = active.sum(axis=1)
+    if (counts == planes.shape[1]).all():
+        return merged.div_(planes.shape[1])
+    return merged.div_(torch.from_numpy(np.maximum(counts, 1).astype(np.float32)).view(-1, 1, 1, 1))
 
 
-def resize_planes(planes: np.ndarray, size: int) -> np.ndarray:
-    """(C, H, W) float32 -> (C, size, size): bilinear, antialiased (torch's interpolate)."""
-    if planes.shape[1:] == (size, size):
+def resize_planes(planes: torch.Tensor, size: int) -> torch.Tensor:
+    """(B, C, H, W) float32 -> (B, C, size, size): bilinear, antialiased (torch's interpolate)."""
+    if planes.shape[2:] == (size, size):
         return planes
-    tensor = torch.from_numpy(planes)[None]
-    resized = F.interpolate(tensor, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-    return resized[0].numpy()
+    return F.interpolate(planes, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
 
 
-def pad_planes(planes: np.ndarray, min_size: int) -> np.ndarray:
-    """(C, H, W) zero-padded, centred, to at least min_size on each side."""
-    height, width = planes.shape[1:]
+def pad_planes(planes: torch.Tensor, min_size: int) -> torch.Tensor:
+    """(B, C, H, W) zero-padded, centred, to at least min_size on each side."""
+    height, width = planes.shape[2:]
     if height >= min_size and width >= min_size:
         return planes
     out_h, out_w = max(height, min_size), max(width, min_size)
     top, left = (out_h - height) // 2, (out_w - width) // 2
-    out = np.zeros((planes.shape[0], out_h, out_w), np.float32)
-    out[:, top : top + height, left : left + width] = planes
-    return out
+    return F.pad(planes, (left, out_w - width - left, top, out_h - height - top))
 
 
 # ---------------------------------------------------------------- jobs and batches
@@ -304,52 +347,74 @@ def _jobs(table: pd.DataFrame, expected: Callable[[str], int | None]) -> Iterato
         yield _Job(position, str(idx), tuple(str(p) for p in paths), expected(names if isinstance(names, str) else ""))
 
 
-def _load(job: _Job, options: ExtractionOptions, min_size: int) -> _Loaded | _Failed:
-    """Read one image and turn it into the backbone's grey inputs, or say why it cannot."""
+def _read(job: _Job) -> np.ndarray | _Failed:
+    """One image as (C, H, W) in its native dtype (a view when the channels came from separate
+    files), or why it cannot be used."""
     try:
         image = read_channels(job.paths, job.expected)
-        planes, active = unit_channels(image, normalize=options.normalize, low=options.low, high=options.high)
+        _check_finite(image)
     except ImageReadError as error:
         return _Failed(job.position, job.idx, error.reason, error.detail)
     except FeatureInputError as error:
         return _Failed(job.position, job.idx, error.reason, f"{', '.join(job.paths)}: {error.detail}")
-    if options.channel_mode == "merge":
-        planes = merge_channels(planes, active)
-    if options.resize is not None:
-        planes = resize_planes(planes, options.resize)
-    return _Loaded(job.position, pad_planes(planes, min_size))
+    return image.transpose(2, 0, 1)
 
 
-# Images per task handed to a loading thread: one hand-over (future, lock, thread wake-up) per
-# task instead of per image, which matters for small crops that load in a fraction of a ms.
-_IMAGES_PER_TASK = 8
+def _load_group(jobs: list[_Job], options: ExtractionOptions, min_size: int) -> list[_Loaded | _Failed]:
+    """Read a group of images and turn each into the backbone's grey inputs (steps 1-5), or say
+    why it cannot; images of one shape and dtype go through steps 2-5 as one stack."""
+    results: list[_Loaded | _Failed] = []
+    stacks: dict[tuple, list[tuple[_Job, np.ndarray]]] = {}
+    for job in jobs:
+        image = _read(job)
+        if isinstance(image, _Failed):
+            results.append(image)
+        else:
+            stacks.setdefault((image.shape, image.dtype), []).append((job, image))
+    for members in stacks.values():
+        images = np.stack([image for _, image in members])
+        planes, active = unit_channels(images, normalize=options.normalize, low=options.low, high=options.high)
+        if options.channel_mode == "merge":
+            planes = merge_channels(planes, active)
+        if options.resize is not None:
+            planes = resize_planes(planes, options.resize)
+        inputs = pad_planes(planes, min_size).numpy()
+        for (job, _), image_inputs, image_active in zip(members, inputs, active):
+            if image_active.any():
+                results.append(_Loaded(job.position, image_inputs))
+            else:
+                detail = f"all {len(image_active)} channel(s) uniform (p{options.low} == p{options.high})"
+                results.append(_Failed(job.position, job.idx, "uniform", f"{', '.join(job.paths)}: {detail}"))
+    results.sort(key=lambda result: result.position)
+    return results
 
 
 def _ordered_map(function: Callable, items: list, workers: int, ahead: int) -> Iterator:
     """function(item) for each item, in input order; with workers > 0 computed by a thread pool
-    in tasks of _IMAGES_PER_TASK items, at most about ``ahead`` items ahead of the consumer
-    (bounded memory, overlap with the model).
+    at most ``ahead`` items ahead of the consumer (bounded memory, overlap with the model).
 
-    Threads rather than DataLoader processes: decoders, file reads and numpy kernels release
-    the GIL, and on this project's 2-core machines worker processes measured 10-15 % slower
-    (one torch thread, 68 px crops): pickling results through a pipe costs more than the
-    GIL hand-overs it avoids."""
+    Threads rather than DataLoader processes: decoders, file reads, numpy and torch kernels
+    release the GIL, and on this project's 2-core machines worker processes measured 10-15 %
+    slower (one torch thread, 68 px crops): pickling results through a pipe costs more than
+    the GIL hand-overs it avoids."""
     if workers == 0:
         yield from map(function, items)
         return
-
-    def task(start: int) -> list:
-        return [function(item) for item in items[start : start + _IMAGES_PER_TASK]]
-
-    tasks_ahead = max(1, -(-ahead // _IMAGES_PER_TASK))
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="features-load") as pool:
-        pending: deque = deque()
-        for start in range(0, len(items), _IMAGES_PER_TASK):
-            pending.append(pool.submit(task, start))
-            if len(pending) > tasks_ahead:
-                yield from pending.popleft().result()
-        while pending:
-            yield from pending.popleft().result()
+    threads = torch.get_num_threads()
+    try:
+        with ThreadPoolExecutor(
+            max_workers=workers, thread_name_prefix="features-load", initializer=torch.set_num_threads, initargs=(1,)
+        ) as pool:
+            pending: deque = deque()
+            for item in items:
+                pending.append(pool.submit(function, item))
+                if len(pending) > ahead:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+    finally:
+        # set_num_threads in a loader thread also sets the count later threads start with
+        torch.set_num_threads(threads)
 
 
 # ---------------------------------------------------------------- the model side
@@ -484,12 +549,16 @@ def _batches(
         positions = np.fromiter((item.position for item in items), np.int64, len(items))
         return positions, runner(np.stack([item.inputs for item in items]))
 
-    def load(job: _Job) -> _Loaded | _Failed:
-        return _load(job, options, backbone.min_input_size)
+    def load(group: list[_Job]) -> list[_Loaded | _Failed]:
+        return _load_group(group, options, backbone.min_input_size)
 
-    ahead = 2 * max(1, options.batch_size // (table_count or 1)) + options.num_workers
+    # A load group holds the images of one backbone batch (fewer in concat mode, where each
+    # image gives one input per channel): its memory is that of a batch.
+    per_group = max(1, options.batch_size // (table_count or 1))
+    groups = [jobs[start : start + per_group] for start in range(0, len(jobs), per_group)]
+    loaded = itertools.chain.from_iterable(_ordered_map(load, groups, options.num_workers, 1 + options.num_workers))
     with runner.prepared():
-        for item in _ordered_map(load, jobs, options.num_workers, ahead):
+        for item in loaded:
             if isinstance(item, _Failed):
                 stream.failures.append(item)
                 continue

@@ -77,7 +77,7 @@ def _check_options(low: float, high: float, mode: str) -> None:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
 
 
-def _bracket(n: int, q: float) -> tuple[int, int, float]:
+def percentile_bracket(n: int, q: float) -> tuple[int, int, float]:
     """np.percentile's linear method: ranks of the order statistics around the q-th
     percentile of n values and the weight of the upper one."""
     h = (n - 1) * q / 100.0
@@ -95,7 +95,7 @@ def histogram_percentiles(counts: np.ndarray, low: float, high: float, offset: i
     n = int(cumulative[-1])
     result = []
     for q in (low, high):
-        k, k_next, weight = _bracket(n, q)
+        k, k_next, weight = percentile_bracket(n, q)
         # The k-th smallest value (0-based) is the first level whose cumulative count exceeds k.
         below, above = np.searchsorted(cumulative, [k, k_next], side="right") + offset
         result.append(_interpolate(below, above, weight))
@@ -105,7 +105,7 @@ def histogram_percentiles(counts: np.ndarray, low: float, high: float, offset: i
 def selection_percentiles(values: np.ndarray, low: float, high: float) -> tuple[float, float]:
     """Percentiles by partial sorting (np.partition): any numeric dtype, O(n)."""
     flat = values.ravel()
-    brackets = [_bracket(flat.size, q) for q in (low, high)]
+    brackets = [percentile_bracket(flat.size, q) for q in (low, high)]
     partitioned = np.partition(flat, sorted({r for k, k_next, _ in brackets for r in (k, k_next)}))
     result = [_interpolate(partitioned[k], partitioned[k_next], weight) for k, k_next, weight in brackets]
     return result[0], result[1]

@@ -19,6 +19,7 @@ from cytopretrain.features import (
     extract_features,
     extract_features_to_parquet,
     fuse_profiles,
+    plane_percentiles,
     random_init_backbone,
     write_profiles,
 )
@@ -249,6 +250,40 @@ def test_small_images_are_zero_padded_centred(tmp_path, resnet):
     np.testing.assert_allclose(features_of(profiles)[0], expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", ["uint8", "uint16", "int16", "int32", "int64", "float32", "float64"])
+@pytest.mark.parametrize("pixels", [300, 68 * 68, 200 * 200])
+@pytest.mark.parametrize("low, high", [(0.1, 99.9), (0.0, 100.0), (40.0, 60.0)])
+def test_plane_percentiles_equal_np_percentile_on_every_path(dtype, pixels, low, high):
+    """Histogram (large 8/16-bit planes), topk (near the ends) and partition (the rest) give
+    np.percentile's linear-method values, ties and all, for every plane of a stack."""
+    rng = np.random.default_rng(pixels)
+    spread = rng.gamma(0.5, 300, (5, pixels))
+    spread[0, : pixels // 2] = 7  # many ties
+    spread[1] = 3  # a uniform plane
+    planes = spread.astype(dtype)
+    lower, upper = plane_percentiles(planes, low, high)
+    expected = np.percentile(planes.astype(np.float64), [low, high], axis=1)
+    np.testing.assert_allclose(lower, expected[0], rtol=1e-12, atol=1e-9)
+    np.testing.assert_allclose(upper, expected[1], rtol=1e-12, atol=1e-9)
+    assert lower[1] == upper[1] == 3
+
+
+def test_a_uniform_image_fails_alone_in_a_stack_of_its_shape(tmp_path, resnet):
+    """Images of one shape are normalized as one stack: a uniform one among them fails with its
+    own reason and the others' features stay those of the direct recipe."""
+    rng = np.random.default_rng(21)
+    images = [spots((30, 30), rng) for _ in range(4)]
+    images[2] = np.full((30, 30, 2), 500, np.uint16)
+    table = generated_table([(f"img{i}", write_tiff_image(tmp_path, f"img{i}", image)) for i, image in enumerate(images)])
+    profiles, failures = extract_features(table, resnet, channel_mode="merge", batch_size=8, num_workers=0)
+    assert failures["idx"].tolist() == ["img2"] and failures["reason"].tolist() == ["uniform"]
+    assert "img2_c0.tif" in failures["detail"].iloc[0]
+    assert profiles["Metadata_idx"].tolist() == ["img0", "img1", "img3"]
+    for row, i in zip(features_of(profiles), (0, 1, 3)):
+        expected = direct_features(resnet, images[i], mode="merge", normalize=True)
+        np.testing.assert_allclose(row, expected, rtol=1e-4, atol=1e-5)
+
+
 # ---------------------------------------------------------------- batching
 
 
@@ -287,7 +322,8 @@ def test_many_shapes_do_not_pile_up_in_memory(tmp_path, resnet, monkeypatch):
         profiles, _ = extract_features(table, resnet, channel_mode="merge", batch_size=2, num_workers=0)
     finally:
         hook.remove()
-    assert reads_at_forward[0] <= 4 * 2 + 1  # the fullest bucket leaves once 4 batches wait
+    # the fullest bucket leaves once 4 batches wait; images are read in groups of one batch (2)
+    assert reads_at_forward[0] <= 4 * 2 + 2
     assert profiles["Metadata_idx"].tolist() == table["idx"].tolist()
     for row, paths in zip(features_of(profiles)[::7], table["channel_paths"][::7]):
         np.testing.assert_allclose(
