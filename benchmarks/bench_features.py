@@ -10,22 +10,25 @@ Image sets:
 - tiff224: seeded synthetic fields written by this script as three single-page 16-bit TIFFs per
   image (224 x 224, uncompressed).
 
-For each set and precision, alternating ``--repeat`` times:
-- pipeline: cytopretrain.features.extract_features on the table (read, percentile-normalize
-  and merge a batch of images at a time, batch by shape, forward, profile table);
-- bare: the backbone's forward alone on the same batches, already normalized, repeated to 3
-  channels and laid out in memory (the work the pipeline cannot avoid).
-The two alternate on chunks of ``--chunk`` images (half that for tiff224), so both see the
-same load from other jobs sharing the machine. Reported per ``num_workers``: images/s of each
-(medians over chunks and repeats), the ratio pipeline / bare (median of the per-chunk
-ratios, with their range) and the same ratio in process CPU time (bare CPU seconds / pipeline
-CPU seconds: the share of the pipeline's work that is the forward pass, less sensitive to
-other jobs than wall time; with ``--threads 1 --num-workers 0`` it is exact). Target: ratio
->= 0.9. First, per set, the CPU cost per image of reading, normalizing and the forward pass
+For each set and precision, alternating ``--repeat`` times on chunks of ``--chunk`` images (half
+that for tiff224), so all three see the same load from other jobs sharing the machine:
+- pipeline: cytopretrain.features.extract_features on the chunk (read, percentile-normalize
+  and merge a batch of images at a time, batch by shape, forward, profile table). On the CPU
+  it runs one batch per torch thread, each forward on one intra-op thread ("lanes");
+- bare, same layout: the backbone's forward alone on the same batches, already normalized,
+  repeated to 3 channels and laid out in memory (the work the pipeline cannot avoid), spread
+  over as many plain threads of one intra-op thread each;
+- bare, intra-op: the same forwards one batch at a time on all of torch's threads (torch's
+  default way to use the cores).
+Reported per ``num_workers``: images/s of each (medians over chunks and repeats); the ratio
+pipeline / bare in the same layout (median of the per-chunk ratios, with their range): the
+share of the pipeline's time that is the forward pass, target >= 0.9; the same ratio in
+process CPU time (less sensitive to other jobs); and the pipeline's speedup over the intra-op
+forward. First, per set, the CPU cost per image of reading, normalizing and the forward pass
 on one thread (thread CPU time, robust to other jobs sharing the machine).
 
     python benchmarks/bench_features.py [--repeat 2] [--n-tiff 96] [--chunk 200]
-                                        [--num-workers 0 2] [--threads 1]
+                                        [--num-workers 0 1] [--threads 1]
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import os
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -97,15 +101,33 @@ def bare_batches(table: pd.DataFrame, channels_last: bool) -> list[torch.Tensor]
     return batches
 
 
-def time_bare(backbone: torch.nn.Module, batches: list[torch.Tensor], bf16: bool) -> tuple[float, float]:
-    """(wall, CPU) seconds of the forward passes alone, in the layout the pipeline uses."""
+def time_bare(backbone: torch.nn.Module, batches: list[torch.Tensor], bf16: bool, lanes: int) -> tuple[float, float]:
+    """(wall, CPU) seconds of the forward passes alone, in the layout the pipeline uses: on
+    ``lanes`` threads of one intra-op thread each (batches dealt round-robin), or with
+    lanes == 1 one batch at a time on all of torch's threads."""
     backbone.eval()
     backbone.to(memory_format=torch.channels_last)
+
+    def forward(share: list[torch.Tensor], single: bool) -> None:
+        if single:
+            torch.set_num_threads(1)
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            for x in share:
+                backbone(x)
+
+    threads = torch.get_num_threads()
     start, cpu = time.perf_counter(), time.process_time()
-    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        for x in batches:
-            backbone(x)
-    return time.perf_counter() - start, time.process_time() - cpu
+    if lanes == 1:
+        forward(batches, single=False)
+    else:
+        workers = [threading.Thread(target=forward, args=(batches[i::lanes], True)) for i in range(lanes)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+    seconds = time.perf_counter() - start, time.process_time() - cpu
+    torch.set_num_threads(threads)  # a thread's set_num_threads also sets later threads' count
+    return seconds
 
 
 def time_pipeline(backbone: torch.nn.Module, table: pd.DataFrame, bf16: bool, num_workers: int) -> tuple[float, float]:
@@ -163,27 +185,34 @@ def chunk_batches(table: pd.DataFrame, size: int, channels_last: bool) -> list[t
 
 
 def run(name: str, table: pd.DataFrame, repeat: int, chunk: int, workers: list[int]) -> None:
-    """Pipeline and bare forward alternate chunk by chunk, so both see the same machine load."""
+    """Pipeline and bare forwards alternate chunk by chunk, so all see the same machine load."""
     backbone = random_init_backbone("efficientnet_b0", in_channels=3, seed=0)
+    lanes = torch.get_num_threads()
     for bf16 in (False, True):
         chunks = chunk_batches(table, chunk, channels_last=True)
-        time_bare(backbone, chunks[0][1][:1], bf16)  # warm-up: oneDNN primitive creation
+        for warm_up in (1, lanes):  # oneDNN primitive creation, per thread count
+            time_bare(backbone, chunks[0][1][:lanes], bf16, warm_up)
         for num_workers in workers:
-            pipeline, bare, ratios, cpu_ratios = [], [], [], []
+            pipeline, same, intra, ratios, cpu_ratios, speedups = [], [], [], [], [], []
             for _ in range(repeat):
                 for images, batches in chunks:
                     p, p_cpu = time_pipeline(backbone, images, bf16, num_workers)
-                    b, b_cpu = time_bare(backbone, batches, bf16)
+                    b, b_cpu = time_bare(backbone, batches, bf16, lanes)
+                    i, _ = time_bare(backbone, batches, bf16, 1)
                     pipeline.append(len(images) / p)
-                    bare.append(len(images) / b)
+                    same.append(len(images) / b)
+                    intra.append(len(images) / i)
                     ratios.append(b / p)
                     cpu_ratios.append(b_cpu / p_cpu)
+                    speedups.append(i / p)
             print(
-                f"{name:14s} {'bf16' if bf16 else 'fp32'} threads={torch.get_num_threads()} workers={num_workers}  "
+                f"{name:14s} {'bf16' if bf16 else 'fp32'} threads={lanes} workers={num_workers}  "
                 f"n={len(table)}  pipeline {statistics.median(pipeline):6.1f} img/s  "
-                f"bare forward {statistics.median(bare):6.1f} img/s  ratio {statistics.median(ratios):.2f} "
-                f"(range {min(ratios):.2f}-{max(ratios):.2f}, {len(ratios)} pairs)  "
-                f"CPU-time ratio {statistics.median(cpu_ratios):.2f}  load average {os.getloadavg()[0]:.1f}",
+                f"bare forward {statistics.median(same):6.1f} img/s  ratio {statistics.median(ratios):.2f} "
+                f"(range {min(ratios):.2f}-{max(ratios):.2f}, {len(ratios)} chunks)  "
+                f"CPU-time ratio {statistics.median(cpu_ratios):.2f}  "
+                f"| intra-op bare forward {statistics.median(intra):6.1f} img/s, pipeline speedup "
+                f"{statistics.median(speedups):.2f}x  load average {os.getloadavg()[0]:.1f}",
                 flush=True,
             )
 
@@ -193,7 +222,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--n-tiff", type=int, default=96)
     parser.add_argument("--chunk", type=int, default=200, help="images per pipeline / bare pair")
-    parser.add_argument("--num-workers", type=int, nargs="+", default=[0, 2])
+    parser.add_argument("--num-workers", type=int, nargs="+", default=[0])
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args()
     if args.threads:

@@ -305,6 +305,36 @@ def test_batching_by_shape_equals_one_by_one(tmp_path, resnet):
     assert len(resized) == len(table)
 
 
+def test_cpu_lanes_give_the_features_of_one_inline_forward(tmp_path, resnet):
+    """On the CPU each torch thread runs whole batches on one intra-op thread (a lane): the
+    forwards happen in the lane threads, the results equal a one-thread run whatever the
+    batch order, and torch's thread count is restored afterwards."""
+    import threading
+
+    rng = np.random.default_rng(8)
+    rows = [(f"img{i}", write_tiff_image(tmp_path, f"img{i}", spots((24 + 8 * (i % 3), 32), rng))) for i in range(13)]
+    table = generated_table(rows)
+    threads = torch.get_num_threads()
+    forward_threads = []
+    hook = resnet.register_forward_pre_hook(lambda module, args: forward_threads.append(threading.current_thread().name))
+    try:
+        torch.set_num_threads(2)
+        in_lanes, _ = extract_features(table, resnet, channel_mode="concat", batch_size=4, num_workers=0)
+        assert torch.get_num_threads() == 2
+        lanes_used = set(forward_threads)
+        forward_threads.clear()
+        torch.set_num_threads(1)
+        inline, _ = extract_features(table, resnet, channel_mode="concat", batch_size=4, num_workers=0)
+        inline_used = set(forward_threads)
+    finally:
+        hook.remove()
+        torch.set_num_threads(threads)
+    assert lanes_used and all(name.startswith("features-forward") for name in lanes_used)
+    assert inline_used == {threading.main_thread().name}
+    assert in_lanes["Metadata_idx"].tolist() == inline["Metadata_idx"].tolist() == table["idx"].tolist()
+    np.testing.assert_allclose(features_of(in_lanes), features_of(inline), rtol=1e-4, atol=1e-5)
+
+
 def test_many_shapes_do_not_pile_up_in_memory(tmp_path, resnet, monkeypatch):
     """Twenty crops of twenty sizes never fill a shape bucket; the run must still hand batches
     to the model long before the last image is read (memory bounded by a few batches)."""
