@@ -10,8 +10,9 @@ Image sets:
 - tiff224: seeded synthetic fields written by this script as three single-page 16-bit TIFFs per
   image (224 x 224, uncompressed).
 
-For each set and precision, alternating ``--repeat`` times on chunks of ``--chunk`` images (half
-that for tiff224), so all three see the same load from other jobs sharing the machine:
+For each set and precision, alternating ``--repeat`` times on chunks of ``--chunk`` images
+(``--chunk-tiff`` for tiff224: a whole number of batches per lane, so that no lane idles at
+the end of a chunk), so all three see the same load from other jobs sharing the machine:
 - pipeline: cytopretrain.features.extract_features on the chunk (read, percentile-normalize
   and merge a batch of images at a time, batch by shape, forward, profile table). On the CPU
   it runs one batch per torch thread, each forward on one intra-op thread ("lanes");
@@ -27,7 +28,7 @@ process CPU time (less sensitive to other jobs); and the pipeline's speedup over
 forward. First, per set, the CPU cost per image of reading, normalizing and the forward pass
 on one thread (thread CPU time, robust to other jobs sharing the machine).
 
-    python benchmarks/bench_features.py [--repeat 2] [--n-tiff 96] [--chunk 200]
+    python benchmarks/bench_features.py [--repeat 2] [--n-tiff 256] [--chunk 200] [--chunk-tiff 128]
                                         [--num-workers 0 1] [--threads 1]
 """
 
@@ -220,8 +221,9 @@ def run(name: str, table: pd.DataFrame, repeat: int, chunk: int, workers: list[i
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeat", type=int, default=2)
-    parser.add_argument("--n-tiff", type=int, default=96)
+    parser.add_argument("--n-tiff", type=int, default=256)
     parser.add_argument("--chunk", type=int, default=200, help="images per pipeline / bare pair")
+    parser.add_argument("--chunk-tiff", type=int, default=128, help="the same for tiff224")
     parser.add_argument("--num-workers", type=int, nargs="+", default=[0])
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args()
@@ -237,7 +239,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         fields = tiff_table(Path(folder), args.n_tiff)
         cost_breakdown("tiff224", fields.iloc[:32])
-        run("tiff224", fields, args.repeat, args.chunk // 2, args.num_workers)
+        run("tiff224", fields, args.repeat, args.chunk_tiff, args.num_workers)
     print(f"load average at the end {os.getloadavg()[0]:.1f}")
 
 
