@@ -307,8 +307,8 @@ def test_batching_by_shape_equals_one_by_one(tmp_path, resnet):
 
 def test_cpu_lanes_give_the_features_of_one_inline_forward(tmp_path, resnet):
     """On the CPU each torch thread runs whole batches on one intra-op thread (a lane): the
-    forwards happen in the lane threads, the results equal a one-thread run whatever the
-    batch order, and torch's thread count is restored afterwards."""
+    forwards happen in the lane threads, the results equal those of the model run in the
+    calling thread, and torch's thread count is restored afterwards."""
     import threading
 
     rng = np.random.default_rng(8)
@@ -323,21 +323,23 @@ def test_cpu_lanes_give_the_features_of_one_inline_forward(tmp_path, resnet):
         assert torch.get_num_threads() == 2
         lanes_used = set(forward_threads)
         forward_threads.clear()
-        torch.set_num_threads(1)
-        inline, _ = extract_features(table, resnet, channel_mode="concat", batch_size=4, num_workers=0)
+        torch.set_num_threads(1)  # no lanes: loader threads feed the model in the calling thread (as on a GPU)
+        inline, _ = extract_features(table, resnet, channel_mode="concat", batch_size=4, num_workers=2)
         inline_used = set(forward_threads)
     finally:
         hook.remove()
         torch.set_num_threads(threads)
-    assert lanes_used and all(name.startswith("features-forward") for name in lanes_used)
+    assert lanes_used and all(name.startswith("features-worker") for name in lanes_used)
     assert inline_used == {threading.main_thread().name}
     assert in_lanes["Metadata_idx"].tolist() == inline["Metadata_idx"].tolist() == table["idx"].tolist()
     np.testing.assert_allclose(features_of(in_lanes), features_of(inline), rtol=1e-4, atol=1e-5)
 
 
-def test_many_shapes_do_not_pile_up_in_memory(tmp_path, resnet, monkeypatch):
+@pytest.mark.parametrize("threads", [1, 2])
+def test_many_shapes_do_not_pile_up_in_memory(tmp_path, resnet, monkeypatch, threads):
     """Twenty crops of twenty sizes never fill a shape bucket; the run must still hand batches
-    to the model long before the last image is read (memory bounded by a few batches)."""
+    to the model long before the last image is read (memory bounded by a few batches), with
+    the model in the calling thread (1 torch thread) or in lanes (2)."""
     import cytopretrain.features as features
 
     rng = np.random.default_rng(14)
@@ -348,12 +350,17 @@ def test_many_shapes_do_not_pile_up_in_memory(tmp_path, resnet, monkeypatch):
     monkeypatch.setattr(features, "read_channels", lambda *a, **k: reads.append(1) or original(*a, **k))
     reads_at_forward = []
     hook = resnet.register_forward_pre_hook(lambda module, args: reads_at_forward.append(len(reads)))
+    previous = torch.get_num_threads()
     try:
+        torch.set_num_threads(threads)
         profiles, _ = extract_features(table, resnet, channel_mode="merge", batch_size=2, num_workers=0)
     finally:
         hook.remove()
-    # the fullest bucket leaves once 4 batches wait; images are read in groups of one batch (2)
-    assert reads_at_forward[0] <= 4 * 2 + 2
+        torch.set_num_threads(previous)
+    # The fullest bucket leaves once 4 batches wait; images are read in groups of one batch (2).
+    # Lanes read ahead: one group per lane plus one, and the batch waits for a free lane.
+    in_flight = 0 if threads == 1 else (threads + 1) * 2 + 2
+    assert reads_at_forward[0] <= 4 * 2 + 2 + in_flight
     assert profiles["Metadata_idx"].tolist() == table["idx"].tolist()
     for row, paths in zip(features_of(profiles)[::7], table["channel_paths"][::7]):
         np.testing.assert_allclose(
