@@ -28,7 +28,7 @@ process CPU time (less sensitive to other jobs); and the pipeline's speedup over
 forward. First, per set, the CPU cost per image of reading, normalizing and the forward pass
 on one thread (thread CPU time, robust to other jobs sharing the machine).
 
-    python benchmarks/bench_features.py [--repeat 2] [--n-tiff 256] [--chunk 200] [--chunk-tiff 128]
+    python benchmarks/bench_features.py [--repeat 3] [--n-tiff 256] [--chunk 600] [--chunk-tiff 128]
                                         [--num-workers 0 1] [--threads 1]
 """
 
@@ -220,9 +220,9 @@ def run(name: str, table: pd.DataFrame, repeat: int, chunk: int, workers: list[i
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--n-tiff", type=int, default=256)
-    parser.add_argument("--chunk", type=int, default=200, help="images per pipeline / bare pair")
+    parser.add_argument("--chunk", type=int, default=600, help="images per pipeline / bare pair")
     parser.add_argument("--chunk-tiff", type=int, default=128, help="the same for tiff224")
     parser.add_argument("--num-workers", type=int, nargs="+", default=[0])
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
