@@ -256,7 +256,7 @@ def unit_channels(
     # its result, within the span, then fits float32. The copy is worked on in place: fresh
     # buffers of this size cost page faults on every call.
     work = np.result_type(images.dtype, np.float32)
-    x = images.astype(work)
+    x = images.astype(work, order="C")
     if normalize:
         # the float copy serves the percentiles too, unless they come from native integers
         exact = images.dtype in _EXACT_FLOAT and not _histogram_wins(images.dtype, images[0, 0].size)
