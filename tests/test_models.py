@@ -13,6 +13,7 @@ from torch import nn
 
 from cytopretrain.models import (
     BACKBONES,
+    InferenceBackbone,
     WeightsError,
     build_backbone,
     load_backbone,
@@ -115,6 +116,36 @@ def test_first_conv_adaptation_reproduces_rgb_features_of_grey_images(tmp_path, 
         with torch.no_grad():
             got = backbone(grey.repeat(1, in_channels, 1, 1))
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+# BatchNorms that do not follow a convolution: DenseNet's pre-activation norms (after a
+# concatenation, or the last block's output); every other one is folded.
+UNFOLDED_NORMS = {"efficientnet_b0": set(), "resnet18": set(), "resnet50": set(), "densenet121": {"norm1", "norm", "norm5"}}
+
+
+@pytest.mark.parametrize("name", BACKBONES)
+def test_inference_copy_folds_batchnorm_and_keeps_the_features(tmp_path, name):
+    path = tmp_path / f"{name}.pth"
+    torch.save(torchvision_network(name).state_dict(), path)  # BatchNorm statistics far from 0 / 1
+    backbone = build_backbone(name, in_channels=2, weights=path)
+    before = {key: value.clone() for key, value in backbone.state_dict().items()}
+    folded = InferenceBackbone(backbone)
+    assert backbone.training and not folded.training  # the source keeps its mode
+    norms = {n.rsplit(".", 1)[-1] for n, m in folded.named_modules() if isinstance(m, nn.BatchNorm2d)}
+    assert norms == UNFOLDED_NORMS[name]
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in folded.modules()) < sum(
+        isinstance(m, nn.BatchNorm2d) for m in backbone.modules()
+    )
+    x = torch.rand(3, 2, 40, 44)
+    with torch.no_grad():
+        got = folded(x)
+        expected = backbone.eval()(x)
+    assert got.shape == (3, FEATURE_DIM[name]) and (folded.in_channels, folded.feature_dim) == (2, FEATURE_DIM[name])
+    # float rounding only: folded weights round differently, by ~1e-6 of the feature scale
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
+    assert all(torch.equal(before[k], v) for k, v in backbone.state_dict().items())
+    with pytest.raises(ValueError, match=r"\(B, 2, H, W\)"):
+        folded(torch.rand(1, 3, 40, 40))
 
 
 def test_legacy_densenet_key_names_load(tmp_path):
