@@ -12,21 +12,25 @@ Image sets:
 
 For each set and precision, alternating ``--repeat`` times on chunks of ``--chunk`` images
 (``--chunk-tiff`` for tiff224: a whole number of batches per lane, so that no lane idles at
-the end of a chunk), so all three see the same load from other jobs sharing the machine:
+the end of a chunk), so all see the same load from other jobs sharing the machine:
 - pipeline: cytopretrain.features.extract_features on the chunk (read, percentile-normalize
-  and merge a batch of images at a time, batch by shape, forward, profile table). On the CPU
-  it runs one batch per torch thread, each forward on one intra-op thread ("lanes");
-- bare, same layout: the backbone's forward alone on the same batches, already normalized,
-  repeated to 3 channels and laid out in memory (the work the pipeline cannot avoid), spread
-  over as many plain threads of one intra-op thread each;
-- bare, intra-op: the same forwards one batch at a time on all of torch's threads (torch's
-  default way to use the cores).
+  and merge a batch of images at a time, batch by shape, forward, profile table). It runs the
+  backbone's inference copy (BatchNorms folded into the convolutions) and on the CPU one batch
+  per torch thread, each forward on one intra-op thread ("lanes");
+- bare, same model: the inference copy's forward alone on the same batches, already
+  normalized, repeated to 3 channels and laid out in memory (the work the pipeline cannot
+  avoid), spread over as many plain threads of one intra-op thread each;
+- bare, backbone as given: the same with the torchvision backbone in eval mode (BatchNorms
+  not folded), as a user's own loop would run it;
+- bare, intra-op: the backbone as given, one batch at a time on all of torch's threads
+  (torch's default way to use the cores).
 Reported per ``num_workers``: images/s of each (medians over chunks and repeats); the ratio
-pipeline / bare in the same layout (median of the per-chunk ratios, with their range): the
-share of the pipeline's time that is the forward pass, target >= 0.9; the same ratio in
-process CPU time (less sensitive to other jobs); and the pipeline's speedup over the intra-op
-forward. First, per set, the CPU cost per image of reading, normalizing and the forward pass
-on one thread (thread CPU time, robust to other jobs sharing the machine).
+pipeline / bare same model (median of the per-chunk ratios, with their range): the share of
+the pipeline's time that is the forward pass, its own overhead; the same in process CPU time
+(less sensitive to other jobs); and the pipeline's speedup over the backbone as given, in the
+same layout and intra-op. First, per set, the CPU cost per image of reading, normalizing and
+the forward pass of the inference copy on one thread (thread CPU time, robust to other jobs
+sharing the machine).
 
     python benchmarks/bench_features.py [--repeat 3] [--n-tiff 256] [--chunk 600] [--chunk-tiff 128]
                                         [--num-workers 0 1] [--threads 1]
@@ -53,6 +57,7 @@ sys.path.insert(0, str(REPO))
 
 from cytopretrain.features import (  # noqa: E402
     extract_features,
+    inference_copy,
     merge_channels,
     random_init_backbone,
     unit_channels,
@@ -146,7 +151,7 @@ def time_pipeline(backbone: torch.nn.Module, table: pd.DataFrame, bf16: bool, nu
 def cost_breakdown(name: str, table: pd.DataFrame) -> None:
     """CPU milliseconds per image of each step on one thread (thread CPU time, best of 3: robust
     to other jobs), and the share of the forward pass in a serial run, F / (F + read + normalize)."""
-    backbone = random_init_backbone("efficientnet_b0", in_channels=3, seed=0).eval()
+    backbone = folded(random_init_backbone("efficientnet_b0", in_channels=3, seed=0))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     paths = table["channel_paths"].tolist()
@@ -185,35 +190,44 @@ def chunk_batches(table: pd.DataFrame, size: int, channels_last: bool) -> list[t
     return [(chunk, bare_batches(chunk, channels_last)) for chunk in chunks]
 
 
+def folded(backbone: torch.nn.Module) -> torch.nn.Module:
+    """The inference copy the pipeline runs (the same object: it is cached per backbone)."""
+    return inference_copy(backbone, torch.device("cpu"), torch.channels_last)
+
+
 def run(name: str, table: pd.DataFrame, repeat: int, chunk: int, workers: list[int]) -> None:
     """Pipeline and bare forwards alternate chunk by chunk, so all see the same machine load."""
     backbone = random_init_backbone("efficientnet_b0", in_channels=3, seed=0)
+    same_model = folded(backbone)
     lanes = torch.get_num_threads()
     for bf16 in (False, True):
         chunks = chunk_batches(table, chunk, channels_last=True)
-        for warm_up in (1, lanes):  # oneDNN primitive creation, per thread count
-            time_bare(backbone, chunks[0][1][:lanes], bf16, warm_up)
+        for model in (same_model, backbone):
+            for warm_up in (1, lanes):  # oneDNN primitive creation, per thread count
+                time_bare(model, chunks[0][1][:lanes], bf16, warm_up)
         for num_workers in workers:
-            pipeline, same, intra, ratios, cpu_ratios, speedups = [], [], [], [], [], []
+            pipeline, same, given, intra, ratios, cpu_ratios, given_speedups, intra_speedups = ([] for _ in range(8))
             for _ in range(repeat):
                 for images, batches in chunks:
                     p, p_cpu = time_pipeline(backbone, images, bf16, num_workers)
-                    b, b_cpu = time_bare(backbone, batches, bf16, lanes)
+                    b, b_cpu = time_bare(same_model, batches, bf16, lanes)
+                    g, _ = time_bare(backbone, batches, bf16, lanes)
                     i, _ = time_bare(backbone, batches, bf16, 1)
-                    pipeline.append(len(images) / p)
-                    same.append(len(images) / b)
-                    intra.append(len(images) / i)
+                    for rates, seconds in ((pipeline, p), (same, b), (given, g), (intra, i)):
+                        rates.append(len(images) / seconds)
                     ratios.append(b / p)
                     cpu_ratios.append(b_cpu / p_cpu)
-                    speedups.append(i / p)
+                    given_speedups.append(g / p)
+                    intra_speedups.append(i / p)
             print(
                 f"{name:14s} {'bf16' if bf16 else 'fp32'} threads={lanes} workers={num_workers}  "
                 f"n={len(table)}  pipeline {statistics.median(pipeline):6.1f} img/s  "
-                f"bare forward {statistics.median(same):6.1f} img/s  ratio {statistics.median(ratios):.2f} "
+                f"bare same model {statistics.median(same):6.1f} img/s  ratio {statistics.median(ratios):.2f} "
                 f"(range {min(ratios):.2f}-{max(ratios):.2f}, {len(ratios)} chunks)  "
                 f"CPU-time ratio {statistics.median(cpu_ratios):.2f}  "
-                f"| intra-op bare forward {statistics.median(intra):6.1f} img/s, pipeline speedup "
-                f"{statistics.median(speedups):.2f}x  load average {os.getloadavg()[0]:.1f}",
+                f"| backbone as given: same layout {statistics.median(given):6.1f} img/s, pipeline speedup "
+                f"{statistics.median(given_speedups):.2f}x; intra-op {statistics.median(intra):6.1f} img/s, "
+                f"speedup {statistics.median(intra_speedups):.2f}x  load average {os.getloadavg()[0]:.1f}",
                 flush=True,
             )
 

@@ -19,11 +19,13 @@ from cytopretrain.features import (
     extract_features,
     extract_features_to_parquet,
     fuse_profiles,
+    inference_copy,
     plane_percentiles,
     random_init_backbone,
     write_profiles,
 )
 from cytopretrain.imageio import read_channels
+from cytopretrain.models import InferenceBackbone
 from cytopretrain.schema import SchemaError
 from cytopretrain.sources import run_adapter
 from cell_images import DATA
@@ -305,7 +307,7 @@ def test_batching_by_shape_equals_one_by_one(tmp_path, resnet):
     assert len(resized) == len(table)
 
 
-def test_cpu_lanes_give_the_features_of_one_inline_forward(tmp_path, resnet):
+def test_cpu_lanes_give_the_features_of_one_inline_forward(tmp_path, resnet, monkeypatch):
     """On the CPU each torch thread runs whole batches on one intra-op thread (a lane): the
     forwards happen in the lane threads, the results equal those of the model run in the
     calling thread, and torch's thread count is restored afterwards."""
@@ -316,7 +318,13 @@ def test_cpu_lanes_give_the_features_of_one_inline_forward(tmp_path, resnet):
     table = generated_table(rows)
     threads = torch.get_num_threads()
     forward_threads = []
-    hook = resnet.register_forward_pre_hook(lambda module, args: forward_threads.append(threading.current_thread().name))
+    forward = InferenceBackbone.forward
+
+    def recorded(module, x):
+        forward_threads.append(threading.current_thread().name)
+        return forward(module, x)
+
+    monkeypatch.setattr(InferenceBackbone, "forward", recorded)
     try:
         torch.set_num_threads(2)
         in_lanes, _ = extract_features(table, resnet, channel_mode="concat", batch_size=4, num_workers=0)
@@ -327,7 +335,6 @@ def test_cpu_lanes_give_the_features_of_one_inline_forward(tmp_path, resnet):
         inline, _ = extract_features(table, resnet, channel_mode="concat", batch_size=4, num_workers=2)
         inline_used = set(forward_threads)
     finally:
-        hook.remove()
         torch.set_num_threads(threads)
     assert lanes_used and all(name.startswith("features-worker") for name in lanes_used)
     assert inline_used == {threading.main_thread().name}
@@ -349,13 +356,13 @@ def test_many_shapes_do_not_pile_up_in_memory(tmp_path, resnet, monkeypatch, thr
     original = features.read_channels
     monkeypatch.setattr(features, "read_channels", lambda *a, **k: reads.append(1) or original(*a, **k))
     reads_at_forward = []
-    hook = resnet.register_forward_pre_hook(lambda module, args: reads_at_forward.append(len(reads)))
+    forward = InferenceBackbone.forward
+    monkeypatch.setattr(InferenceBackbone, "forward", lambda m, x: reads_at_forward.append(len(reads)) or forward(m, x))
     previous = torch.get_num_threads()
     try:
         torch.set_num_threads(threads)
         profiles, _ = extract_features(table, resnet, channel_mode="merge", batch_size=2, num_workers=0)
     finally:
-        hook.remove()
         torch.set_num_threads(previous)
     # The fullest bucket leaves once 4 batches wait; images are read in groups of one batch (2).
     # Lanes read ahead: one group per lane plus one, and the batch waits for a free lane.
@@ -488,6 +495,31 @@ def test_bf16_features_match_fp32_and_the_training_mode_is_restored(tmp_path):
     after = backbone.state_dict()  # eval mode kept BatchNorm statistics untouched
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert backbone.layer1[0].conv1.weight.device.type == "cpu"
+
+
+def test_the_folded_inference_copy_is_reused_until_the_weights_change(tmp_path):
+    backbone = random_init_backbone("resnet18", in_channels=1, seed=3)
+    cpu = torch.device("cpu")
+    first = inference_copy(backbone, cpu, torch.channels_last)
+    assert inference_copy(backbone, cpu, torch.channels_last) is first
+    assert inference_copy(backbone, cpu, torch.contiguous_format) is not first
+    rng = np.random.default_rng(15)
+    images = {f"i{i}": spots((32, 36), rng) for i in range(3)}
+    table = generated_table([(name, write_tiff_image(tmp_path, name, image)) for name, image in images.items()])
+
+    def extract_and_check() -> np.ndarray:
+        profiles, _ = extract_features(table, backbone, channel_mode="merge", device="cpu")
+        expected = [direct_features(backbone, image, mode="merge", normalize=True) for image in images.values()]
+        np.testing.assert_allclose(features_of(profiles), np.stack(expected), rtol=1e-4, atol=1e-5)
+        return features_of(profiles)
+
+    original = extract_and_check()
+    with torch.no_grad():
+        backbone.layer4[1].conv2.weight.mul_(-2.0)  # in place: the tensor's version changes
+    changed = extract_and_check()
+    assert not np.allclose(changed, original)
+    backbone.layer4[1].bn2.bias = torch.nn.Parameter(torch.full_like(backbone.layer4[1].bn2.bias, 0.5))
+    assert not np.allclose(extract_and_check(), changed)  # a new tensor object
 
 
 def test_random_init_backbone_is_deterministic_per_seed():
