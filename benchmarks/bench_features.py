@@ -17,7 +17,7 @@ the end of a chunk), so all see the same load from other jobs sharing the machin
   and merge a batch of images at a time, batch by shape, forward, profile table). It runs the
   backbone's inference copy (BatchNorms folded into the convolutions) and on the CPU one batch
   per torch thread, each forward on one intra-op thread ("lanes");
-- bare, same model: the inference copy's forward alone on the same batches, already
+- bare, same model: the inference copy's forward alone on the same batches, in the same slices, already
   normalized, repeated to 3 channels and laid out in memory (the work the pipeline cannot
   avoid), spread over as many plain threads of one intra-op thread each;
 - bare, backbone as given: the same with the torchvision backbone in eval mode (BatchNorms
@@ -29,7 +29,7 @@ pipeline / bare same model (median of the per-chunk ratios, with their range): t
 the pipeline's time that is the forward pass, its own overhead; the same in process CPU time
 (less sensitive to other jobs); and the pipeline's speedup over the backbone as given, in the
 same layout and intra-op. First, per set, the CPU cost per image of reading, normalizing and
-the forward pass of the inference copy on one thread (thread CPU time, robust to other jobs
+the forward pass of the inference copy (in the slices the pipeline takes) on one thread (thread CPU time, robust to other jobs
 sharing the machine).
 
     python benchmarks/bench_features.py [--repeat 3] [--n-tiff 256] [--chunk 600] [--chunk-tiff 128]
@@ -56,6 +56,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from cytopretrain.features import (  # noqa: E402
+    cpu_slice_images,
     extract_features,
     inference_copy,
     merge_channels,
@@ -156,7 +157,7 @@ def cost_breakdown(name: str, table: pd.DataFrame) -> None:
     torch.set_num_threads(1)
     paths = table["channel_paths"].tolist()
     images = [read_channels(p) for p in paths]
-    batches = bare_batches(table, channels_last=True)
+    batches = sliced(bare_batches(table, channels_last=True))
     backbone.to(memory_format=torch.channels_last)
 
     def best_ms(step) -> float:
@@ -190,6 +191,12 @@ def chunk_batches(table: pd.DataFrame, size: int, channels_last: bool) -> list[t
     return [(chunk, bare_batches(chunk, channels_last)) for chunk in chunks]
 
 
+def sliced(batches: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The batches in the slices the pipeline's CPU forward takes (cpu_slice_images)."""
+    return [x[start : start + cpu_slice_images(*x.shape[2:])] for x in batches
+            for start in range(0, len(x), cpu_slice_images(*x.shape[2:]))]
+
+
 def folded(backbone: torch.nn.Module) -> torch.nn.Module:
     """The inference copy the pipeline runs (the same object: it is cached per backbone)."""
     return inference_copy(backbone, torch.device("cpu"), torch.channels_last)
@@ -210,7 +217,7 @@ def run(name: str, table: pd.DataFrame, repeat: int, chunk: int, workers: list[i
             for _ in range(repeat):
                 for images, batches in chunks:
                     p, p_cpu = time_pipeline(backbone, images, bf16, num_workers)
-                    b, b_cpu = time_bare(same_model, batches, bf16, lanes)
+                    b, b_cpu = time_bare(same_model, sliced(batches), bf16, lanes)
                     g, _ = time_bare(backbone, batches, bf16, lanes)
                     i, _ = time_bare(backbone, batches, bf16, 1)
                     for rates, seconds in ((pipeline, p), (same, b), (given, g), (intra, i)):

@@ -40,6 +40,9 @@ batches' worth of images wait in part-filled buckets (tables of many different s
 batch_size // C images. Images are read in load groups of one batch's worth; the images of a
 group that share shape and dtype are normalized, merged, resized and padded as one stack.
 Without channel names a ``concat`` run takes the channel count of its first readable image.
+On the CPU the model takes a batch in slices of at most 2^18 input pixels (5 images of
+224 x 224, the whole batch of 68 px crops), whose activations stay in the caches: 224 px
+fields ran 25-38 % faster than in one forward of 32 (cpu_slice_images).
 
 Threads. On the CPU, work runs in "lanes": as many threads as torch has
 (torch.get_num_threads()), each running torch on one intra-op thread. A lane reads a load
@@ -135,6 +138,12 @@ _EXACT_FLOAT = {
 # project's 2-core machines: densenet121 0.7x in channels_last; efficientnet_b0 1.2-2.5x and
 # the ResNets up to 2x faster in channels_last).
 _NCHW_FP32_ON_CPU = ("densenet121",)
+# On the CPU a batch runs through the model in slices of at most this many input pixels
+# (images x H x W), whose activations stay in the caches. efficientnet_b0 on one thread, ms per
+# image fp32 / bf16: 224 px 28.3 / 16.0 in batches of 32, 17.6 / 12.0 in slices of 8;
+# 128 px 6.9 / 4.1 against 6.0 / 4.1 in slices of 8; 68 px 2.3 / 1.8 in batches of 32, slower
+# below 16 images (2.7 / 2.1 at 8).
+_CPU_SLICE_PIXELS = 1 << 18
 # Batches' worth of images that may wait in part-filled shape buckets (see _Buckets).
 _BUFFERED_BATCHES = 4
 # Rows per Parquet row group when profiles are streamed to a file.
@@ -454,6 +463,11 @@ class _OrderedPool:
 # ---------------------------------------------------------------- the model side
 
 
+def cpu_slice_images(height: int, width: int) -> int:
+    """Images per forward pass on the CPU for inputs of height x width (_CPU_SLICE_PIXELS)."""
+    return max(1, _CPU_SLICE_PIXELS // (height * width))
+
+
 def _resolve_device(device: str | torch.device) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -536,8 +550,9 @@ class _Runner:
             if self.input_norm == "imagenet":
                 x = (x - self.mean) / self.std
             x = x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
+            step = cpu_slice_images(*x.shape[2:]) if self.device.type == "cpu" else len(x)
             with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-                features = self.model(x)
+                features = torch.cat([self.model(x[start : start + step]) for start in range(0, len(x), step)])
             features = features.float().reshape(batch, -1)
             return features.cpu().numpy()
 

@@ -342,6 +342,26 @@ def test_cpu_lanes_give_the_features_of_one_inline_forward(tmp_path, resnet, mon
     np.testing.assert_allclose(features_of(in_lanes), features_of(inline), rtol=1e-4, atol=1e-5)
 
 
+def test_cpu_forward_slices_give_the_features_of_whole_batches(tmp_path, resnet, monkeypatch):
+    """On the CPU a batch goes through the model in slices of at most _CPU_SLICE_PIXELS input
+    pixels; slicing changes nothing but the number of forward calls."""
+    import cytopretrain.features as features
+
+    rng = np.random.default_rng(16)
+    table = generated_table([(f"s{i}", write_tiff_image(tmp_path, f"s{i}", spots((32, 32), rng))) for i in range(7)])
+    calls = []
+    forward = InferenceBackbone.forward
+    monkeypatch.setattr(InferenceBackbone, "forward", lambda m, x: calls.append(len(x)) or forward(m, x))
+    whole, _ = extract_features(table, resnet, channel_mode="merge", batch_size=8, device="cpu")
+    assert calls == [7]
+    calls.clear()
+    monkeypatch.setattr(features, "_CPU_SLICE_PIXELS", 3 * 32 * 32 + 5)
+    assert features.cpu_slice_images(32, 32) == 3
+    sliced, _ = extract_features(table, resnet, channel_mode="merge", batch_size=8, device="cpu")
+    assert calls == [3, 3, 1]
+    np.testing.assert_allclose(features_of(sliced), features_of(whole), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 def test_many_shapes_do_not_pile_up_in_memory(tmp_path, resnet, monkeypatch, threads):
     """Twenty crops of twenty sizes never fill a shape bucket; the run must still hand batches
