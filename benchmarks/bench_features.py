@@ -15,13 +15,14 @@ For each set and precision, alternating ``--repeat`` times on chunks of ``--chun
 the end of a chunk), so all see the same load from other jobs sharing the machine:
 - pipeline: cytopretrain.features.extract_features on the chunk (read, percentile-normalize
   and merge a batch of images at a time, batch by shape, forward, profile table). It runs the
-  backbone's inference copy (BatchNorms folded into the convolutions) and on the CPU one batch
-  per torch thread, each forward on one intra-op thread ("lanes");
-- bare, same model: the inference copy's forward alone on the same batches, in the same slices, already
-  normalized, repeated to 3 channels and laid out in memory (the work the pipeline cannot
-  avoid), spread over as many plain threads of one intra-op thread each;
-- bare, backbone as given: the same with the torchvision backbone in eval mode (BatchNorms
-  not folded), as a user's own loop would run it;
+  backbone's inference copy (BatchNorms folded into the convolutions) in cache-sized slices of
+  a batch (cpu_slice_images), and on the CPU one batch per torch thread, each forward on one
+  intra-op thread ("lanes");
+- bare, same model: the inference copy's forward alone on the same batches in the same
+  slices, already normalized, repeated to 3 channels and laid out in memory (the work the
+  pipeline cannot avoid), spread over as many plain threads of one intra-op thread each;
+- bare, backbone as given: the torchvision backbone in eval mode (BatchNorms not folded) on
+  whole batches of 32, in the same thread layout, as a user's own loop would run it;
 - bare, intra-op: the backbone as given, one batch at a time on all of torch's threads
   (torch's default way to use the cores).
 Reported per ``num_workers``: images/s of each (medians over chunks and repeats); the ratio
@@ -29,8 +30,8 @@ pipeline / bare same model (median of the per-chunk ratios, with their range): t
 the pipeline's time that is the forward pass, its own overhead; the same in process CPU time
 (less sensitive to other jobs); and the pipeline's speedup over the backbone as given, in the
 same layout and intra-op. First, per set, the CPU cost per image of reading, normalizing and
-the forward pass of the inference copy (in the slices the pipeline takes) on one thread (thread CPU time, robust to other jobs
-sharing the machine).
+the inference copy's forward in the pipeline's slices on one thread (thread CPU time, robust
+to other jobs sharing the machine).
 
     python benchmarks/bench_features.py [--repeat 3] [--n-tiff 256] [--chunk 600] [--chunk-tiff 128]
                                         [--num-workers 0 1] [--threads 1]
