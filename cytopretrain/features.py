@@ -51,8 +51,9 @@ the backbone at once; the other images go to the shape buckets, whose batches ru
 free lane. On 2 cores the whole pipeline ran 16-26 % faster this way than with the model in
 the calling thread on both intra-op threads (68 px crops, bf16 / fp32) and 14 % faster on
 224 px fields in fp32, 7 % slower in bf16: an efficientnet's many small kernels leave
-intra-op threads waiting, and each lane's reading overlaps the other's forward; ``num_workers`` is not used then. On a GPU, or on the CPU with one torch thread, the
-calling thread runs the model and ``num_workers`` loader threads (2-8 beside a GPU; 0: load
+intra-op threads waiting, and each lane's reading overlaps the other's forward;
+``num_workers`` is not used then. On a GPU, or on the CPU with one torch thread, the calling
+thread runs the model and ``num_workers`` loader threads (2-8 beside a GPU; 0: load
 in the calling thread) read the groups, at most one group per thread ahead. Memory stays
 bounded by a few batches either way; torch's thread count is restored when the run ends.
 
@@ -492,7 +493,8 @@ _INFERENCE_COPIES: "weakref.WeakKeyDictionary[Backbone, tuple]" = weakref.WeakKe
 
 
 def _weights_state(backbone: Backbone) -> list[tuple]:
-    return [(weakref.ref(t), t.data_ptr(), t._version) for t in itertools.chain(backbone.parameters(), backbone.buffers())]
+    tensors = itertools.chain(backbone.parameters(), backbone.buffers())
+    return [(weakref.ref(t), t.data_ptr(), t._version) for t in tensors]
 
 
 def _same_weights(backbone: Backbone, state: list[tuple]) -> bool:
