@@ -159,7 +159,6 @@ def cost_breakdown(name: str, table: pd.DataFrame) -> None:
     paths = table["channel_paths"].tolist()
     images = [read_channels(p) for p in paths]
     batches = sliced(bare_batches(table, channels_last=True))
-    backbone.to(memory_format=torch.channels_last)
 
     def best_ms(step) -> float:
         times = []
@@ -194,8 +193,11 @@ def chunk_batches(table: pd.DataFrame, size: int, channels_last: bool) -> list[t
 
 def sliced(batches: list[torch.Tensor]) -> list[torch.Tensor]:
     """The batches in the slices the pipeline's CPU forward takes (cpu_slice_images)."""
-    return [x[start : start + cpu_slice_images(*x.shape[2:])] for x in batches
-            for start in range(0, len(x), cpu_slice_images(*x.shape[2:]))]
+    slices = []
+    for x in batches:
+        step = cpu_slice_images(*x.shape[2:])
+        slices.extend(x[start : start + step] for start in range(0, len(x), step))
+    return slices
 
 
 def folded(backbone: torch.nn.Module) -> torch.nn.Module:

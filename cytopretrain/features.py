@@ -492,13 +492,16 @@ def _amp_dtype(device: torch.device, precision: str) -> torch.dtype | None:
 _INFERENCE_COPIES: "weakref.WeakKeyDictionary[Backbone, tuple]" = weakref.WeakKeyDictionary()
 
 
+def _tensors(backbone: Backbone) -> list[torch.Tensor]:
+    return list(itertools.chain(backbone.parameters(), backbone.buffers()))
+
+
 def _weights_state(backbone: Backbone) -> list[tuple]:
-    tensors = itertools.chain(backbone.parameters(), backbone.buffers())
-    return [(weakref.ref(t), t.data_ptr(), t._version) for t in tensors]
+    return [(weakref.ref(t), t.data_ptr(), t._version) for t in _tensors(backbone)]
 
 
 def _same_weights(backbone: Backbone, state: list[tuple]) -> bool:
-    tensors = list(itertools.chain(backbone.parameters(), backbone.buffers()))
+    tensors = _tensors(backbone)
     return len(tensors) == len(state) and all(
         ref() is t and t.data_ptr() == pointer and t._version == version
         for t, (ref, pointer, version) in zip(tensors, state)

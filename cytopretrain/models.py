@@ -107,7 +107,7 @@ class Backbone(nn.Module):
 
     def forward_maps(self, x: Tensor) -> Tensor:
         """(B, C, H, W) -> last feature map (B, D, h, w)."""
-        self._check_input(x)
+        _check_input(self, x)
         for child_name in self._trunk:
             x = getattr(self, child_name)(x)
         return torch.relu(x) if self._final_relu else x
@@ -115,9 +115,6 @@ class Backbone(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """(B, C, H, W) -> (B, D) global-average-pooled features."""
         return self.forward_maps(x).mean(dim=(2, 3))
-
-    def _check_input(self, x: Tensor) -> None:
-        _check_input(self, x)
 
     def _set_first_conv_weight(self, weight: Tensor) -> None:
         old = self.first_conv
