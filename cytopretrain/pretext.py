@@ -73,6 +73,28 @@ def _pair(name: str, value: Sequence[float]) -> tuple[float, float]:
     return values
 
 
+# weak_label's photometric chain with ``photometric: true``: intensity jitter and blur
+# probabilities, largest noise std (images in [0, 1]).
+PHOTOMETRIC_DEFAULTS = {"intensity": 0.8, "blur": 0.5, "noise": 0.03}
+
+
+def _photometric_parts(value: bool | dict) -> dict[str, float]:
+    """``photometric`` as {part: strength}: false -> all 0, true -> the defaults, a mapping -> the
+    defaults with its entries replaced."""
+    if isinstance(value, bool):
+        return {part: default if value else 0.0 for part, default in PHOTOMETRIC_DEFAULTS.items()}
+    if not isinstance(value, dict):
+        raise ValueError(f"option photometric must be true, false or a mapping, got {value!r}")
+    unknown = sorted(set(value) - set(PHOTOMETRIC_DEFAULTS))
+    if unknown:
+        raise ValueError(f"option photometric: unknown part(s) {unknown}; choose from {sorted(PHOTOMETRIC_DEFAULTS)}")
+    parts = {**PHOTOMETRIC_DEFAULTS, **value}
+    for part, strength in parts.items():
+        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 <= strength <= 1.0:
+            raise ValueError(f"option photometric: {part} must be a number in [0, 1], got {strength!r}")
+    return {part: float(strength) for part, strength in parts.items()}
+
+
 def _positive_int(name: str, value: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"option {name} must be a positive integer, got {value!r}")
@@ -115,7 +137,9 @@ class WeakLabel(PretextMethod):
     adds, after the geometric draws, per-channel intensity jitter (brightness and contrast 0.4, gamma
     0.7-1.4, p 0.8), Gaussian blur (sigma 0.1-1.5 px, p 0.5) and Gaussian noise (std 0-0.03): with few
     training images these teach invariance to optics and expression level, which transfer to
-    benchmarks imaged under other conditions needs. Metrics: loss, accuracy.
+    benchmarks imaged under other conditions needs. ``photometric`` may also be a mapping that
+    overrides some of these: ``intensity`` and ``blur`` (probabilities) and ``noise`` (largest
+    std), e.g. ``{intensity: 0.2}``; 0 turns a part off. Metrics: loss, accuracy.
     """
 
     name = "weak_label"
@@ -129,7 +153,7 @@ class WeakLabel(PretextMethod):
         rotate: bool = True,
         flip: bool = True,
         fill: str = "zeros",
-        photometric: bool = False,
+        photometric: bool | dict = False,
     ) -> None:
         super().__init__(backbone)
         if isinstance(n_classes, bool) or not isinstance(n_classes, int) or n_classes < 2:
@@ -140,9 +164,7 @@ class WeakLabel(PretextMethod):
         self.rotate = bool(rotate)
         self.flip = bool(flip)
         self.fill = fill
-        if not isinstance(photometric, bool):
-            raise ValueError(f"option photometric must be true or false, got {photometric!r}")
-        self.photometric = photometric
+        self.photometric = _photometric_parts(photometric)
         self.head = nn.Linear(backbone.feature_dim, n_classes)
 
     def augment_batch(self, images: Tensor, generator: torch.Generator) -> Tensor:
@@ -150,10 +172,13 @@ class WeakLabel(PretextMethod):
             images = augment.random_rotation(images, generator=generator, fill=self.fill)
         if self.flip:
             images = augment.random_flips(images, generator=generator)
-        if self.photometric:
-            images = augment.random_intensity(images, generator, brightness=0.4, contrast=0.4)
-            images = augment.gaussian_blur(images, generator, sigma=(0.1, 1.5), p=0.5)
-            images = augment.gaussian_noise(images, generator, std=(0.0, 0.03))
+        parts = self.photometric
+        if parts["intensity"] > 0:
+            images = augment.random_intensity(images, generator, brightness=0.4, contrast=0.4, p=parts["intensity"])
+        if parts["blur"] > 0:
+            images = augment.gaussian_blur(images, generator, sigma=(0.1, 1.5), p=parts["blur"])
+        if parts["noise"] > 0:
+            images = augment.gaussian_noise(images, generator, std=(0.0, parts["noise"]))
         return images
 
     def forward(self, images: Tensor) -> Tensor:

@@ -382,8 +382,29 @@ def test_weak_label_photometric_views_change_intensity_and_sharpness_but_not_geo
         return F.conv2d(x, kernel).pow(2).mean(dim=(1, 2, 3))
     sharpness = laplacian_energy(views) / laplacian_energy(images)
     assert (sharpness < 0.5).any() and (sharpness > 2).any()
-    with pytest.raises(ValueError, match="photometric"):
-        make_method("weak_label", {"photometric": "yes"})
+    for bad in ("yes", 0.5, {"intensity": 1.5}, {"noise": True}, {"hue": 0.5}):
+        with pytest.raises(ValueError, match="photometric"):
+            make_method("weak_label", {"photometric": bad})
+
+
+def test_weak_label_photometric_parts_can_be_tuned_or_turned_off(real_cells):
+    images = real_cells[0].repeat(8, 1, 1, 1)
+
+    def views(parts):
+        return make_method("weak_label", {"rotate": False, "flip": False, "photometric": parts}).augment_batch(
+            images, generator(5))
+
+    off = {"intensity": 0, "blur": 0, "noise": 0}
+
+    def jittered_fraction(probability):  # intensity jitter alone: images whose brightness changed
+        return (views({**off, "intensity": probability}) != images).flatten(1).any(dim=1).float().mean().item()
+
+    assert torch.equal(views(off), images)
+    assert torch.equal(views(True), views({}))  # a mapping starts from the defaults
+    assert jittered_fraction(0.8) > 0.6 and jittered_fraction(0.2) < 0.4
+    # Only noise: every pixel moves a little, with the requested spread.
+    noisy = views({**off, "noise": 0.02}) - images
+    assert 0.002 < noisy.std().item() < 0.02 and (noisy != 0).flatten(1).any(dim=1).all()
 
 
 def test_views_follow_the_input_memory_format(real_cells):
@@ -440,3 +461,4 @@ def test_build_method_validates_names_options_and_batches():
         weak.loss(images[:1], torch.tensor([0]), generator(0))
     with pytest.raises(ValueError, match="channels"):
         weak.loss(torch.rand(4, 3, 32, 32), torch.tensor([0, 1, 2, 0]), generator(0))
+
