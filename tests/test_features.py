@@ -499,7 +499,7 @@ def test_bad_tables_and_options_raise(tmp_path, resnet):
 # ---------------------------------------------------------------- model handling
 
 
-def test_bf16_features_match_fp32_and_the_training_mode_is_restored(tmp_path):
+def test_bf16_features_match_fp32_and_the_backbone_is_left_untouched(tmp_path):
     backbone = random_init_backbone("resnet18", in_channels=3, seed=2)
     backbone.train()
     before = {k: v.clone() for k, v in backbone.state_dict().items()}
@@ -512,7 +512,7 @@ def test_bf16_features_match_fp32_and_the_training_mode_is_restored(tmp_path):
     assert cosine.min() > 0.99
     assert not np.array_equal(a, b)  # autocast really ran in bf16
     assert backbone.training
-    after = backbone.state_dict()  # eval mode kept BatchNorm statistics untouched
+    after = backbone.state_dict()  # mode, BatchNorm statistics and device as the caller left them
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert backbone.layer1[0].conv1.weight.device.type == "cpu"
 
