@@ -461,4 +461,3 @@ def test_build_method_validates_names_options_and_batches():
         weak.loss(images[:1], torch.tensor([0]), generator(0))
     with pytest.raises(ValueError, match="channels"):
         weak.loss(torch.rand(4, 3, 32, 32), torch.tensor([0, 1, 2, 0]), generator(0))
-
