@@ -6,7 +6,10 @@ Formats (chosen by file suffix, case-insensitive):
   other than Y and X (C, S, Z, T, Q, I, ...) become the channel axis, so a multi-page TIFF or
   an RGB TIFF reads as (H, W, C). More than one non-spatial axis (e.g. a Z-stack with channels)
   is ambiguous and raises ``bad_shape``. A file holding several single-plane series of equal
-  shape (pages written one by one) reads as one channel per series.
+  shape (pages written one by one) reads as one channel per series. The commonest microscopy
+  TIFF, one uncompressed grey plane in a classic (not Big-) TIFF with only baseline tags, is
+  read without tifffile (_plain_tiff_plane): the same array at a tenth of the cost (tifffile's
+  parsing took 0.26 ms of Python per 224 x 224 file against 0.02 ms for reading its bytes).
 - PNG through imagecodecs (libpng): 8- and 16-bit, grayscale, grayscale+alpha, RGB, RGBA.
   Pillow is not used for PNG because it reduces 16-bit RGB(A) to 8 bits.
 - JPEG and BMP through Pillow (8-bit formats); palette and bilevel images become RGB / L.
@@ -24,9 +27,11 @@ from __future__ import annotations
 
 import ast
 import functools
+import json
 import math
 import os
 import stat
+import struct
 from typing import Callable, Sequence
 
 import imagecodecs
@@ -76,7 +81,96 @@ def _check_tiff_extent(tif: tifffile.TiffFile, path: str, size: int) -> None:
             )
 
 
+# Tags of a plain TIFF plane: those that lay out its pixels, and metadata that does not
+# change how tifffile reads it. A file with any other tag (tiles, sub-IFDs, orientation,
+# ImageJ / MetaMorph / LSM private tags, ...) goes to tifffile.
+_PLAIN_TIFF_LAYOUT_TAGS = {256, 257, 258, 259, 262, 273, 277, 278, 279, 284, 317, 339}
+_PLAIN_TIFF_METADATA_TAGS = {
+    254, 255, 263, 269, 271, 272, 280, 281, 282, 283, 285, 286, 287, 296, 305, 306, 315, 316, 340, 341, 33432
+}
+# Larger files (stacks, whole slides) go straight to tifffile rather than being read twice.
+_PLAIN_TIFF_MAX_BYTES = 64 << 20
+_TIFF_INTEGER_TYPES = {1: "B", 3: "H", 4: "I"}  # BYTE, SHORT, LONG
+_TIFF_SAMPLE_KINDS = {1: "u", 2: "i", 3: "f"}  # SampleFormat
+
+
+def _tiff_fields(data: bytearray, order: str, ifd: int) -> dict[int, tuple | bytes] | None:
+    """The entries of the IFD at ``ifd``: integer values as tuples, the description as bytes;
+    None when the file is not one plain plane (another IFD follows, an unlisted tag, a value
+    outside the file)."""
+    (count,) = struct.unpack_from(order + "H", data, ifd)
+    end = ifd + 2 + 12 * count
+    if end + 4 > len(data) or struct.unpack_from(order + "I", data, end)[0] != 0:
+        return None
+    fields: dict[int, tuple | bytes] = {}
+    for entry in range(ifd + 2, end, 12):
+        tag, kind, n = struct.unpack_from(order + "HHI", data, entry)
+        if tag == 270 and kind == 2:
+            size, code = n, None
+        elif tag in _PLAIN_TIFF_LAYOUT_TAGS and kind in _TIFF_INTEGER_TYPES:
+            code = _TIFF_INTEGER_TYPES[kind]
+            size = n * struct.calcsize(code)
+        elif tag in _PLAIN_TIFF_METADATA_TAGS:
+            continue
+        else:
+            return None
+        offset = entry + 8 if size <= 4 else struct.unpack_from(order + "I", data, entry + 8)[0]
+        if offset + size > len(data):
+            return None
+        fields[tag] = bytes(data[offset : offset + size]) if code is None else struct.unpack_from(f"{order}{n}{code}", data, offset)
+    return fields
+
+
+def _plain_tiff_plane(data: bytearray) -> np.ndarray | None:
+    """The pixels of a TIFF file's bytes when it holds one uncompressed grey plane in one
+    contiguous run of strips, with no description or tifffile's own ``{"shape": [H, W]}``; else
+    None (tifffile reads it). The array is a writable view of ``data``."""
+    order = {b"II": "<", b"MM": ">"}.get(bytes(data[:2]))
+    if order is None or len(data) < 8 or struct.unpack_from(order + "H", data, 2)[0] != 42:
+        return None
+    (ifd,) = struct.unpack_from(order + "I", data, 4)
+    if ifd + 2 > len(data):
+        return None
+    fields = _tiff_fields(data, order, ifd)
+    if fields is None:
+        return None
+
+    def one(tag: int, default: int | None = None) -> int | None:
+        values = fields.get(tag, (default,))
+        return values[0] if len(values) == 1 else None
+
+    width, height, bits = one(256), one(257), one(258)
+    kind = _TIFF_SAMPLE_KINDS.get(one(339, 1))
+    plain = one(259, 1) == 1 and one(262) == 1 and one(277, 1) == 1 and one(317, 1) == 1
+    if not (plain and width and height and kind and bits in (8, 16, 32, 64)) or (kind == "f" and bits == 8):
+        return None
+    if 270 in fields:
+        try:
+            shaped = json.loads(fields[270].rstrip(b"\0"))
+        except ValueError:
+            return None
+        if not isinstance(shaped, dict) or shaped.get("shape") != [height, width]:
+            return None
+    offsets, counts = fields.get(273, ()), fields.get(279, ())
+    dtype = np.dtype(f"{order}{kind}{bits // 8}")
+    nbytes = width * height * dtype.itemsize
+    if not offsets or len(offsets) != len(counts) or sum(counts) != nbytes:
+        return None
+    if any(offsets[i + 1] != offsets[i] + counts[i] for i in range(len(offsets) - 1)):
+        return None
+    if offsets[0] + nbytes > len(data):
+        return None  # cut off: tifffile's path names the missing bytes
+    return np.frombuffer(data, dtype, width * height, offsets[0]).reshape(height, width)
+
+
 def _read_tiff(path: str, size: int) -> np.ndarray:
+    if size <= _PLAIN_TIFF_MAX_BYTES:
+        with open(path, "rb") as file:
+            data = bytearray(size)
+            file.readinto(data)
+        plane = _plain_tiff_plane(data)
+        if plane is not None:
+            return plane
     with tifffile.TiffFile(path) as tif:
         series = tif.series
         if not series:

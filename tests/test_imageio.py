@@ -11,7 +11,7 @@ import pytest
 import tifffile
 from PIL import Image
 
-from cytopretrain.imageio import ImageReadError, read_channels, read_image
+from cytopretrain.imageio import ImageReadError, _plain_tiff_plane, read_channels, read_image
 from cell_images import DATA
 
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"real test data not found at {DATA}")
@@ -57,6 +57,52 @@ def test_tiff_single_page_keeps_dtype_and_values(tmp_path, dtype):
     out = read_image(tmp_path / "a.tif")
     assert out.dtype == image.dtype
     np.testing.assert_array_equal(out, image)
+
+
+PLAIN_TIFFS = {  # written by tifffile: read without it, to the same array
+    "uint8": {}, "int16": {}, "uint32": {}, "float16": {}, "float64": {},
+    "big-endian uint16": {"byteorder": ">"},
+    "strips of 7 rows": {"rowsperstrip": 7},
+    "resolution and software tags": {"resolution": (3.0, 3.0), "software": "scope 1.0", "datetime": True},
+    "no description": {"description": None, "metadata": None},
+}
+OTHER_TIFFS = {  # read by tifffile
+    "zlib": {"compression": "zlib"},
+    "predictor": {"compression": "zlib", "predictor": True},
+    "tiled": {"tile": (16, 16)},
+    "BigTIFF": {"bigtiff": True},
+    "min-is-white": {"photometric": "miniswhite"},
+    "ImageJ": {"imagej": True},
+    "OME": {"ome": True},
+    "free-text description": {"description": "acquired on a scope", "metadata": None},
+}
+
+
+@pytest.mark.parametrize("name", list(PLAIN_TIFFS) + list(OTHER_TIFFS))
+def test_plain_tiff_planes_skip_tifffile_and_read_the_same(tmp_path, name):
+    options = dict(PLAIN_TIFFS[name] if name in PLAIN_TIFFS else OTHER_TIFFS[name])
+    dtype = name if name in ("uint8", "int16", "uint32", "float16", "float64") else "uint16"
+    image = random_image((45, 38), "float32").astype(dtype) if dtype == "float16" else random_image((45, 38), dtype)
+    path = tmp_path / "a.tif"
+    tifffile.imwrite(path, image, byteorder=options.pop("byteorder", "<"), **options)
+    plain = _plain_tiff_plane(bytearray(path.read_bytes()))
+    assert (plain is not None) == (name in PLAIN_TIFFS)
+    out = read_image(path)
+    expected = image.astype(np.float32) if dtype == "float16" else image
+    assert out.dtype == expected.dtype and out.dtype.isnative
+    np.testing.assert_array_equal(out, expected)
+    np.testing.assert_array_equal(out, tifffile.imread(path).astype(out.dtype))
+
+
+def test_plain_tiff_from_another_writer_and_cut_short(tmp_path):
+    ramp = (np.arange(30 * 50, dtype=np.uint32) * 41 % 65536).astype(np.uint16).reshape(30, 50)
+    Image.fromarray(ramp).save(tmp_path / "pil.tif")  # Pillow's own TIFF writer
+    assert _plain_tiff_plane(bytearray((tmp_path / "pil.tif").read_bytes())) is not None
+    np.testing.assert_array_equal(read_image(tmp_path / "pil.tif"), ramp)
+    whole = (tmp_path / "pil.tif").read_bytes()
+    (tmp_path / "cut.tif").write_bytes(whole[: len(whole) - 10])
+    error = read_error(tmp_path / "cut.tif")
+    assert error.reason == "unreadable" and "cut.tif" in error.detail
 
 
 def test_tiff_pages_become_channels(tmp_path):
