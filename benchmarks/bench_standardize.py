@@ -8,7 +8,8 @@ Image sets:
   ``--tiff-compression`` says otherwise.
 
 For each set and method, the median over ``--repeat`` runs of:
-- decode: read every file (cytopretrain.imageio.read_image: imagecodecs PNG, tifffile TIFF);
+- decode: read every file (cytopretrain.imageio.read_image: imagecodecs PNG; TIFF planes
+  uncompressed and plain read directly, others through tifffile);
 - reference: per image, Pillow Image.open + np.array per channel file, np.percentile per
   channel, clip / rescale, channel average, PNG written with Pillow (CytoImageNet's style);
   also shown without its PNG write, to separate compute from output-format cost;
