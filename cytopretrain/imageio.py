@@ -81,6 +81,14 @@ def _check_tiff_extent(tif: tifffile.TiffFile, path: str, size: int) -> None:
             )
 
 
+def _file_bytes(path: str, size: int) -> bytearray:
+    """A file's bytes in one read into a buffer of its size (shorter if it shrank since its stat)."""
+    with open(path, "rb") as file:
+        data = bytearray(size)
+        del data[file.readinto(data) :]
+    return data
+
+
 # Tags of a plain TIFF plane: those that lay out its pixels, and metadata that does not
 # change how tifffile reads it. A file with any other tag (tiles, sub-IFDs, orientation,
 # ImageJ / MetaMorph / LSM private tags, ...) goes to tifffile.
@@ -117,7 +125,10 @@ def _tiff_fields(data: bytearray, order: str, ifd: int) -> dict[int, tuple | byt
         offset = entry + 8 if size <= 4 else struct.unpack_from(order + "I", data, entry + 8)[0]
         if offset + size > len(data):
             return None
-        fields[tag] = bytes(data[offset : offset + size]) if code is None else struct.unpack_from(f"{order}{n}{code}", data, offset)
+        if code is None:
+            fields[tag] = bytes(data[offset : offset + size])
+        else:
+            fields[tag] = struct.unpack_from(f"{order}{n}{code}", data, offset)
     return fields
 
 
@@ -165,10 +176,7 @@ def _plain_tiff_plane(data: bytearray) -> np.ndarray | None:
 
 def _read_tiff(path: str, size: int) -> np.ndarray:
     if size <= _PLAIN_TIFF_MAX_BYTES:
-        with open(path, "rb") as file:
-            data = bytearray(size)
-            file.readinto(data)
-        plane = _plain_tiff_plane(data)
+        plane = _plain_tiff_plane(_file_bytes(path, size))
         if plane is not None:
             return plane
     with tifffile.TiffFile(path) as tif:
@@ -226,9 +234,8 @@ def _npy_header(text: bytes) -> tuple[np.dtype, tuple[int, ...], bool]:
 def _read_npy(path: str, size: int) -> np.ndarray:
     """An NPY file in one read (the format: magic, version, header length, a Python-literal
     header, then the raw array); the array is writable, as np.load's."""
-    with open(path, "rb") as file:
-        data = bytearray(size)
-        filled = file.readinto(data)
+    data = _file_bytes(path, size)
+    filled = len(data)
     version = data[6] if filled > 6 and data[:6] == _NPY_MAGIC else None
     if version not in _NPY_LENGTH_BYTES:
         raise ImageReadError("unreadable", f"{path}: not an NPY file of format version 1-3 (starts {bytes(data[:8])!r})")
