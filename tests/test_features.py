@@ -310,34 +310,42 @@ def test_batching_by_shape_equals_one_by_one(tmp_path, resnet):
 def test_cpu_lanes_give_the_features_of_one_inline_forward(tmp_path, resnet, monkeypatch):
     """On the CPU each torch thread runs whole batches on one intra-op thread (a lane): the
     forwards happen in the lane threads, the results equal those of the model run in the
-    calling thread, and torch's thread count is restored afterwards."""
+    calling thread, and torch's thread count is restored afterwards. Lanes run with a short
+    thread switch interval, Python's own restored afterwards."""
+    import sys
     import threading
+
+    import cytopretrain.features as features
 
     rng = np.random.default_rng(8)
     rows = [(f"img{i}", write_tiff_image(tmp_path, f"img{i}", spots((24 + 8 * (i % 3), 32), rng))) for i in range(13)]
     table = generated_table(rows)
     threads = torch.get_num_threads()
-    forward_threads = []
+    forward_threads, switch_intervals = [], []
     forward = InferenceBackbone.forward
 
     def recorded(module, x):
         forward_threads.append(threading.current_thread().name)
+        switch_intervals.append(sys.getswitchinterval())
         return forward(module, x)
 
     monkeypatch.setattr(InferenceBackbone, "forward", recorded)
     try:
         torch.set_num_threads(2)
+        switch_before = sys.getswitchinterval()
         in_lanes, _ = extract_features(table, resnet, channel_mode="concat", batch_size=4, num_workers=0)
-        assert torch.get_num_threads() == 2
+        assert torch.get_num_threads() == 2 and sys.getswitchinterval() == switch_before
+        assert set(switch_intervals) == {features._LANE_SWITCH_SECONDS} != {switch_before}
         lanes_used = set(forward_threads)
         forward_threads.clear()
+        switch_intervals.clear()
         torch.set_num_threads(1)  # no lanes: loader threads feed the model in the calling thread (as on a GPU)
         inline, _ = extract_features(table, resnet, channel_mode="concat", batch_size=4, num_workers=2)
         inline_used = set(forward_threads)
     finally:
         torch.set_num_threads(threads)
     assert lanes_used and all(name.startswith("features-worker") for name in lanes_used)
-    assert inline_used == {threading.main_thread().name}
+    assert inline_used == {threading.main_thread().name} and set(switch_intervals) == {switch_before}
     assert in_lanes["Metadata_idx"].tolist() == inline["Metadata_idx"].tolist() == table["idx"].tolist()
     np.testing.assert_allclose(features_of(in_lanes), features_of(inline), rtol=1e-4, atol=1e-5)
 
