@@ -659,8 +659,9 @@ def _batches(
     workers = runner.lanes if in_lanes else options.num_workers
     buckets = _Buckets(per_batch)
     with (
-        _torch_threads(1 if in_lanes else None),
-        _gil_switch_interval(_LANE_SWITCH_SECONDS if in_lanes else None),
+        # lanes: torch on one intra-op thread each, and Python switching threads more often
+        _setting(torch.get_num_threads, torch.set_num_threads, 1 if in_lanes else None),
+        _setting(sys.getswitchinterval, sys.setswitchinterval, _LANE_SWITCH_SECONDS if in_lanes else None),
         _OrderedPool(workers, "features-worker") as pool,
     ):
 
@@ -692,31 +693,18 @@ def _batches(
 
 
 @contextlib.contextmanager
-def _torch_threads(count: int | None) -> Iterator[None]:
-    """torch's intra-op thread count set to ``count`` (None: unchanged) for the block."""
-    if count is None:
+def _setting(get: Callable[[], object], set_to: Callable[[object], None], value: object) -> Iterator[None]:
+    """A process-wide setting (read by ``get``, written by ``set_to``) at ``value`` for the
+    block, restored afterwards; None leaves it unchanged."""
+    if value is None:
         yield
         return
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count)
+    previous = get()
+    set_to(value)
     try:
         yield
     finally:
-        torch.set_num_threads(previous)
-
-
-@contextlib.contextmanager
-def _gil_switch_interval(seconds: float | None) -> Iterator[None]:
-    """Python's thread switch interval set to ``seconds`` (None: unchanged) for the block."""
-    if seconds is None:
-        yield
-        return
-    previous = sys.getswitchinterval()
-    sys.setswitchinterval(seconds)
-    try:
-        yield
-    finally:
-        sys.setswitchinterval(previous)
+        set_to(previous)
 
 
 class _Buckets:
