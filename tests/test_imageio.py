@@ -11,7 +11,7 @@ import pytest
 import tifffile
 from PIL import Image
 
-from cytopretrain.imageio import ImageReadError, _plain_tiff_plane, read_channels, read_image
+from cytopretrain.imageio import ImageReadError, _plain_tiff_layout, read_channels, read_image
 from cell_images import DATA
 
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"real test data not found at {DATA}")
@@ -82,10 +82,11 @@ OTHER_TIFFS = {  # read by tifffile
 def test_plain_tiff_planes_skip_tifffile_and_read_the_same(tmp_path, name):
     options = dict(PLAIN_TIFFS[name] if name in PLAIN_TIFFS else OTHER_TIFFS[name])
     dtype = name if name in ("uint8", "int16", "uint32", "float16", "float64") else "uint16"
-    image = random_image((45, 38), "float32").astype(dtype) if dtype == "float16" else random_image((45, 38), dtype)
+    shape = (300, 230)  # larger than the bytes read to decide (64 KB) but for uint8
+    image = random_image(shape, "float32").astype(dtype) if dtype == "float16" else random_image(shape, dtype)
     path = tmp_path / "a.tif"
     tifffile.imwrite(path, image, byteorder=options.pop("byteorder", "<"), **options)
-    plain = _plain_tiff_plane(bytearray(path.read_bytes()))
+    plain = _plain_tiff_layout(path.read_bytes()[: 1 << 16], path.stat().st_size)
     assert (plain is not None) == (name in PLAIN_TIFFS)
     out = read_image(path)
     expected = image.astype(np.float32) if dtype == "float16" else image
@@ -97,9 +98,9 @@ def test_plain_tiff_planes_skip_tifffile_and_read_the_same(tmp_path, name):
 def test_plain_tiff_from_another_writer_and_cut_short(tmp_path):
     ramp = (np.arange(30 * 50, dtype=np.uint32) * 41 % 65536).astype(np.uint16).reshape(30, 50)
     Image.fromarray(ramp).save(tmp_path / "pil.tif")  # Pillow's own TIFF writer
-    assert _plain_tiff_plane(bytearray((tmp_path / "pil.tif").read_bytes())) is not None
-    np.testing.assert_array_equal(read_image(tmp_path / "pil.tif"), ramp)
     whole = (tmp_path / "pil.tif").read_bytes()
+    assert _plain_tiff_layout(whole, len(whole)) is not None
+    np.testing.assert_array_equal(read_image(tmp_path / "pil.tif"), ramp)
     (tmp_path / "cut.tif").write_bytes(whole[: len(whole) - 10])
     error = read_error(tmp_path / "cut.tif")
     assert error.reason == "unreadable" and "cut.tif" in error.detail
