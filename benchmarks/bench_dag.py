@@ -25,8 +25,9 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from cytopretrain.fake_metadata import make_metadata  # noqa: E402
-from cytopretrain.schema import CANONICAL_SCHEMA  # noqa: E402
+from fake_metadata import make_metadata  # noqa: E402
+
+from cytopretrain.core.schema import CANONICAL_SCHEMA  # noqa: E402
 
 
 def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:

@@ -18,7 +18,7 @@ extracts a whole benchmark in one call.
 For each set and precision, alternating ``--repeat`` times on chunks of ``--chunk`` images
 (``--chunk-tiff`` for tiff224: a whole number of batches per lane, so that no lane idles at
 the end of a chunk), so all see the same load from other jobs sharing the machine:
-- pipeline: cytopretrain.features.extract_features on the chunk (read, percentile-normalize
+- pipeline: cytopretrain.evaluation.features.extract_features on the chunk (read, percentile-normalize
   and merge a batch of images at a time, batch by shape, forward, profile table). It runs the
   backbone's inference copy (BatchNorms folded into the convolutions) in cache-sized slices of
   a batch (cpu_slice_images), and on the CPU one batch per torch thread, each forward on one
@@ -61,16 +61,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from cytopretrain.features import (  # noqa: E402
-    cpu_slice_images,
-    extract_features,
-    inference_copy,
-    merge_channels,
-    random_init_backbone,
-    unit_channels,
-)
-from cytopretrain.imageio import read_channels  # noqa: E402
-from cytopretrain.sources import run_adapter  # noqa: E402
+from cytopretrain.core.imageio import read_channels  # noqa: E402
+from cytopretrain.curation.sources import run_adapter  # noqa: E402
+from cytopretrain.evaluation.features import cpu_slice_images, extract_features, inference_copy, random_init_backbone
+from cytopretrain.evaluation.preprocess import merge_channels, unit_channels
 
 DATA = REPO.parent / "shared" / "data"
 BATCH_SIZE = 32

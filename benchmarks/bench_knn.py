@@ -1,4 +1,4 @@
-"""Benchmark of exact kNN (cytopretrain.knn): float32 filter vs bf16 shortlist, same neighbours.
+"""Benchmark of exact kNN (cytopretrain.evaluation.knn): float32 filter vs bf16 shortlist, same neighbours.
 
 Leave-one-out k-NN of n feature vectors against themselves (the COOS-7 / CyCLOPS protocol
 shape: 132,000 x 1280, k = 11, Euclidean). The features are synthetic but shaped like
@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cytopretrain.knn import knn_search, resolve_precision  # noqa: E402
+from cytopretrain.evaluation.knn import knn_search, resolve_precision  # noqa: E402
 
 
 def synthetic_features(n: int, dims: int, n_classes: int, seed: int) -> np.ndarray:

@@ -20,9 +20,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cytopretrain.fake_metadata import make_metadata  # noqa: E402
-from cytopretrain.labels import assign_weak_labels  # noqa: E402
-from cytopretrain.tables import atomic_path  # noqa: E402
+from fake_metadata import make_metadata  # noqa: E402
+
+from cytopretrain.core.tables import atomic_path  # noqa: E402
+from cytopretrain.curation.labels import assign_weak_labels  # noqa: E402
 
 STATUS = Path("/proc/self/status")
 

@@ -8,12 +8,12 @@ Image sets:
   ``--tiff-compression`` says otherwise.
 
 For each set and method, the median over ``--repeat`` runs of:
-- decode: read every file (cytopretrain.imageio.read_image: imagecodecs PNG; TIFF planes
+- decode: read every file (cytopretrain.core.imageio.read_image: imagecodecs PNG; TIFF planes
   uncompressed and plain read directly, others through tifffile);
 - reference: per image, Pillow Image.open + np.array per channel file, np.percentile per
   channel, clip / rescale, channel average, PNG written with Pillow (CytoImageNet's style);
   also shown without its PNG write, to separate compute from output-format cost;
-- ours: cytopretrain.standardize.standardize_chunk (Parquet output included).
+- ours: cytopretrain.curation.standardize.standardize_chunk (Parquet output included).
 
 Megapixels count every channel plane read (H x W x channels). "per core" divides by the CPU
 seconds the process used (user + system), which is robust to other jobs sharing the machine;
@@ -46,8 +46,8 @@ from scipy import ndimage
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from cytopretrain.imageio import read_image  # noqa: E402
-from cytopretrain.standardize import standardize_chunk  # noqa: E402
+from cytopretrain.core.imageio import read_image  # noqa: E402
+from cytopretrain.curation.standardize import standardize_chunk  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data"
 

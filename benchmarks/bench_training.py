@@ -36,12 +36,13 @@ from scipy import ndimage
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from cytopretrain import data, train  # noqa: E402
-from cytopretrain.models import build_backbone  # noqa: E402
-from cytopretrain.pretext import build_method  # noqa: E402
-from cytopretrain.schema import conform  # noqa: E402
-from cytopretrain.shards import CROP_FIELDS, write_shards  # noqa: E402
-from cytopretrain.tables import ParquetStreamWriter, encode_pixels  # noqa: E402
+from cytopretrain.core.schema import conform  # noqa: E402
+from cytopretrain.core.tables import ParquetStreamWriter, encode_pixels  # noqa: E402
+from cytopretrain.curation.shards import CROP_FIELDS, write_shards  # noqa: E402
+from cytopretrain.learning import data, train  # noqa: E402
+from cytopretrain.learning.checkpoints import read_metrics  # noqa: E402
+from cytopretrain.learning.models import build_backbone  # noqa: E402
+from cytopretrain.learning.pretext import build_method  # noqa: E402
 
 BATCH = 32
 N_CLASSES = 20
@@ -155,7 +156,7 @@ def end_to_end(shards: Path, out: Path, size: int, precision: str, steps: int) -
         "progress": False,
     }
     train.train(settings, shards, out, resume=False)
-    return train.read_metrics(out / "metrics.jsonl")[-1]["images_per_s"]
+    return read_metrics(out / "metrics.jsonl")[-1]["images_per_s"]
 
 
 def main() -> None:

@@ -3,9 +3,9 @@
 import pandas as pd
 from _workflow import setup_logging
 
-from cytopretrain.labels import SELECTION_SCHEMA, assign_weak_labels
-from cytopretrain.schema import LABEL_COLUMNS
-from cytopretrain.tables import read_table, write_table
+from cytopretrain.core.schema import LABEL_COLUMNS
+from cytopretrain.core.tables import read_table, write_table
+from cytopretrain.curation.labels import SELECTION_SCHEMA, assign_weak_labels
 
 log = setup_logging(snakemake)
 meta = read_table(snakemake.input.table, columns=["idx", "name", *LABEL_COLUMNS])

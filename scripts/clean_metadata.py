@@ -4,9 +4,9 @@ from pathlib import Path
 
 from _workflow import setup_logging
 
-from cytopretrain.schema import CANONICAL_SCHEMA
-from cytopretrain.sources import run_adapter
-from cytopretrain.tables import write_table
+from cytopretrain.core.schema import CANONICAL_SCHEMA
+from cytopretrain.core.tables import write_table
+from cytopretrain.curation.sources import run_adapter
 
 log = setup_logging(snakemake)
 result = run_adapter(

@@ -3,8 +3,8 @@
 import pandas as pd
 from _workflow import setup_logging
 
-from cytopretrain.metadata import describe, plot_description
-from cytopretrain.tables import read_table, write_table
+from cytopretrain.core.tables import read_table, write_table
+from cytopretrain.curation.metadata import describe, plot_description
 
 log = setup_logging(snakemake)
 description = describe(read_table(snakemake.input.table))

@@ -4,7 +4,8 @@ from pathlib import Path
 
 from _workflow import setup_logging
 
-from cytopretrain.download import download_source, resource_from_config
+from cytopretrain.curation.download import download_source
+from cytopretrain.curation.resources import resource_from_config
 
 log = setup_logging(snakemake)
 source = snakemake.wildcards.source

@@ -4,8 +4,8 @@ import json
 
 from _workflow import setup_logging
 
-from cytopretrain.tables import atomic_path, write_table
-from cytopretrain.well_profiles import evaluate_well_profiles
+from cytopretrain.core.tables import atomic_path, write_table
+from cytopretrain.evaluation.well_profiles import evaluate_well_profiles
 
 log = setup_logging(snakemake)
 name = snakemake.wildcards.name

@@ -3,9 +3,9 @@
 import torch
 from _workflow import setup_logging
 
-from cytopretrain.features import extract_features_to_parquet, random_init_backbone
-from cytopretrain.models import build_backbone
-from cytopretrain.tables import read_table, write_table
+from cytopretrain.core.tables import read_table, write_table
+from cytopretrain.evaluation.features import extract_features_to_parquet, random_init_backbone
+from cytopretrain.learning.models import build_backbone
 
 log = setup_logging(snakemake)
 torch.set_num_threads(snakemake.threads)

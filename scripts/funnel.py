@@ -4,8 +4,8 @@ import pandas as pd
 import pyarrow.parquet as pq
 from _workflow import setup_logging
 
-from cytopretrain.funnel import build_funnel
-from cytopretrain.tables import read_table, write_table
+from cytopretrain.core.tables import read_table, write_table
+from cytopretrain.curation.funnel import build_funnel
 
 
 def concat(paths):

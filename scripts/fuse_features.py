@@ -2,8 +2,8 @@
 
 from _workflow import setup_logging
 
-from cytopretrain.features import fuse_profiles, write_profiles
-from cytopretrain.tables import read_table
+from cytopretrain.core.tables import read_table
+from cytopretrain.evaluation.profiles import fuse_profiles, write_profiles
 
 log = setup_logging(snakemake)
 first, second = read_table(snakemake.input.first), read_table(snakemake.input.second)

@@ -8,9 +8,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from _workflow import setup_logging
 
-from cytopretrain.metadata import merge_tables
-from cytopretrain.schema import CANONICAL_SCHEMA
-from cytopretrain.tables import atomic_path, read_table, write_table
+from cytopretrain.core.schema import CANONICAL_SCHEMA
+from cytopretrain.core.tables import atomic_path, read_table, write_table
+from cytopretrain.curation.metadata import merge_tables
 
 log = setup_logging(snakemake)
 tables = {path: read_table(path) for path in snakemake.input.tables}

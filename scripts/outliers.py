@@ -6,8 +6,8 @@ import pandas as pd
 import torch
 from _workflow import setup_logging
 
-from cytopretrain.outliers import encode_crops, load_autoencoder, score_crops, text_boxes
-from cytopretrain.tables import read_table, write_table
+from cytopretrain.core.tables import read_table, write_table
+from cytopretrain.evaluation.outliers import encode_crops, load_autoencoder, score_crops, text_boxes
 
 log = setup_logging(snakemake)
 torch.set_num_threads(snakemake.threads)

@@ -2,8 +2,8 @@
 
 from _workflow import setup_logging
 
-from cytopretrain.quality import qc_chunk
-from cytopretrain.tables import write_table
+from cytopretrain.core.tables import write_table
+from cytopretrain.curation.quality import qc_chunk
 
 log = setup_logging(snakemake)
 decisions = qc_chunk(snakemake.input.crops, snakemake.output.crops, thresholds=dict(snakemake.params.thresholds))

@@ -3,8 +3,8 @@
 import pandas as pd
 from _workflow import setup_logging
 
-from cytopretrain.quality import drop_small_labels
-from cytopretrain.tables import read_table, write_table
+from cytopretrain.core.tables import read_table, write_table
+from cytopretrain.curation.quality import drop_small_labels
 
 log = setup_logging(snakemake)
 decisions = pd.concat([read_table(path) for path in snakemake.input.decisions], ignore_index=True)

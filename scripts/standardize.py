@@ -2,8 +2,8 @@
 
 from _workflow import setup_logging
 
-from cytopretrain.standardize import standardize_chunk
-from cytopretrain.tables import read_row_group, write_table
+from cytopretrain.core.tables import read_row_group, write_table
+from cytopretrain.curation.standardize import standardize_chunk
 
 log = setup_logging(snakemake)
 chunk = read_row_group(snakemake.input.table, int(snakemake.wildcards.chunk))

@@ -4,8 +4,8 @@ import json
 
 from _workflow import setup_logging
 
-from cytopretrain.summary import summarize
-from cytopretrain.tables import write_table
+from cytopretrain.core.tables import write_table
+from cytopretrain.evaluation.summary import summarize
 
 log = setup_logging(snakemake)
 records = [json.loads(open(path).read()) for path in snakemake.input]

@@ -6,8 +6,8 @@ from pathlib import Path
 import torch
 from _workflow import setup_logging
 
-from cytopretrain.distributed import launch
-from cytopretrain.train import discard_stale_checkpoints, train
+from cytopretrain.learning.distributed import launch
+from cytopretrain.learning.train import discard_stale_checkpoints, train
 
 log = setup_logging(snakemake)
 work_dir = Path(snakemake.params.work_dir)

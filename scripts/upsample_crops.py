@@ -2,8 +2,8 @@
 
 from _workflow import setup_logging
 
-from cytopretrain.crops import upsample_chunk
-from cytopretrain.tables import read_table, write_table
+from cytopretrain.core.tables import read_table, write_table
+from cytopretrain.curation.crops import upsample_chunk
 
 log = setup_logging(snakemake)
 settings = snakemake.params.crops

@@ -2,8 +2,8 @@
 
 from _workflow import setup_logging
 
-from cytopretrain.shards import write_shards
-from cytopretrain.tables import read_table
+from cytopretrain.core.tables import read_table
+from cytopretrain.curation.shards import write_shards
 
 log = setup_logging(snakemake)
 settings = snakemake.params.shards

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cytopretrain.config import ConfigError, random_baselines, validate_config
+from cytopretrain.core.config import random_baselines, validate_config
+from cytopretrain.core.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""Tests of cytopretrain.crops: crop rules, crop planning, renormalization, chunk upsampling."""
+"""Tests of cytopretrain.curation.crops: crop rules, crop planning, renormalization, chunk upsampling."""
 
 from __future__ import annotations
 
@@ -10,9 +10,11 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from cell_images import DATA
 from PIL import Image
 
-from cytopretrain.crops import (
+from cytopretrain.core.tables import PIXEL_FIELDS, ParquetStreamWriter, decode_pixels, encode_pixels, read_table
+from cytopretrain.curation.crops import (
     CROP_SCHEMA,
     DEFAULT_RULES,
     DEFAULT_SCALES,
@@ -24,8 +26,6 @@ from cytopretrain.crops import (
     renormalize,
     upsample_chunk,
 )
-from cytopretrain.tables import PIXEL_FIELDS, ParquetStreamWriter, decode_pixels, encode_pixels, read_table
-from cell_images import DATA
 
 RXRX1 = DATA / "rxrx1"
 

@@ -16,13 +16,13 @@ import pandas as pd
 import pytest
 import tifffile
 import torch
-
-from cytopretrain import data, shards
-from cytopretrain.crops import CROP_SCHEMA
-from cytopretrain.schema import conform
-from cytopretrain.tables import ParquetStreamWriter, encode_pixels
-
 from cell_images import YEAST, to_uint8
+
+from cytopretrain.core.schema import conform
+from cytopretrain.core.tables import ParquetStreamWriter, encode_pixels
+from cytopretrain.curation import shards
+from cytopretrain.curation.crops import CROP_SCHEMA
+from cytopretrain.learning import data
 
 IMAGES_PER_PROTEIN = 9
 SIZE = 40  # loader output side: the 64 px cells are cropped, the 32 px quadrants enlarged

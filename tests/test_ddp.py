@@ -1,7 +1,7 @@
 """Data-parallel training: 2 gloo processes under torchrun against 1 process.
 
 R ranks of batch B must compute what one process of batch R x B computes (the
-"Distributed data parallel" section of cytopretrain.train): the ranks' data parts together
+"Distributed data parallel" section of cytopretrain.learning.train): the ranks' data parts together
 are the global batch, their augmentation draws are slices of the global draws, batch norm
 uses global statistics and the averaged gradients are those of the whole batch. The
 end-to-end check trains real BBBC021 cells with both set-ups and compares the logged losses
@@ -20,12 +20,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
-from cytopretrain import augment, data, train
-from cytopretrain.distributed import launch
-from cytopretrain.standardize import standardize_image
-from test_data import write_shard_set
 from cell_images import DATA
+from test_data import write_shard_set
+
+from cytopretrain.curation.standardize import standardize_image
+from cytopretrain.learning import augment, data, train
+from cytopretrain.learning.distributed import launch
+from cytopretrain.learning.settings import check_settings
 
 CELLS = DATA / "bbbc021_cells"
 SETTINGS = {
@@ -72,7 +73,7 @@ def losses(out: Path) -> np.ndarray:
 def initial_weights(settings: dict, n_classes: int) -> dict[str, torch.Tensor]:
     """The weights a run starts from (train seeds torch with the run's seed, then builds)."""
     torch.manual_seed(settings["seed"])
-    return train.build_model(train.check_settings(settings), n_classes).state_dict()
+    return train.build_model(check_settings(settings), n_classes).state_dict()
 
 
 def assert_same_updates(one: dict, two: dict, start: dict) -> None:

@@ -24,8 +24,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from cytopretrain import download as dl
-from cytopretrain.download import (
+from cytopretrain.core.errors import (
     ChecksumError,
     CredentialsRequired,
     DownloadError,
@@ -33,12 +32,12 @@ from cytopretrain.download import (
     ResourceError,
     TransportUnavailable,
     UnsafeArchiveError,
-    download_source,
-    fetch,
-    load_resource,
-    resource_from_config,
-    safe_extract,
 )
+from cytopretrain.curation import resources as dl
+from cytopretrain.curation.archives import safe_extract
+from cytopretrain.curation.download import download_source
+from cytopretrain.curation.fetch import fetch
+from cytopretrain.curation.resources import load_resource, resource_from_config
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 FAST = {"backoff": 0.001, "timeout": 5, "chunk_size": 4096}

@@ -86,9 +86,9 @@ def third_party_imports(script: Path) -> dict[str, Path]:
             local = module_file(name)
             if local:
                 queue.append(local)
-                # Importing cytopretrain.x runs cytopretrain/__init__.py too.
-                if name.startswith("cytopretrain."):
-                    queue.append(REPO / "cytopretrain" / "__init__.py")
+                # Importing cytopretrain.a.b runs cytopretrain/__init__.py and a/__init__.py too.
+                parts = name.split(".")
+                queue.extend(REPO.joinpath(*parts[:n], "__init__.py") for n in range(1, len(parts)))
                 continue
             top = name.split(".")[0]
             if top not in sys.stdlib_module_names and top not in ("cytopretrain", "snakemake") and top != "__future__":
@@ -162,5 +162,5 @@ def test_the_check_catches_an_import_the_env_lacks(tmp_path):
     assert set(missing_from_env(script, env)) == {"sklearn"}
     # And through the package: the download env cannot run a script that imports the trainer.
     through_package = tmp_path / "uses_train.py"
-    through_package.write_text("from cytopretrain.train import train\n")
+    through_package.write_text("from cytopretrain.learning.train import train\n")
     assert "torch" in missing_from_env(through_package, REPO / "envs" / "download.yaml")

@@ -1,4 +1,4 @@
-"""Evaluation protocols (cytopretrain.evaluate): hand-checked cases, independent computations
+"""Evaluation protocols (cytopretrain.evaluation.protocols): hand-checked cases, independent computations
 (scikit-learn, copairs), bad input, and BBBC021 NSC / NSCB on the real Ljosa per-well profiles."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from cell_images import DATA
 from sklearn.cluster import DBSCAN
 from sklearn.decomposition import PCA, FastICA
 from sklearn.metrics import f1_score
@@ -18,9 +19,12 @@ from sklearn.metrics.pairwise import cosine_distances
 from sklearn.neighbors import KNeighborsClassifier, NearestNeighbors
 from sklearn.preprocessing import StandardScaler
 
-from cytopretrain import evaluate as ev
-from cytopretrain.evaluate import EvaluationError
-from cell_images import DATA
+from cytopretrain.core.errors import EvaluationError
+from cytopretrain.evaluation import protocols as ev
+from cytopretrain.evaluation.outliers import outlier_scores
+from cytopretrain.evaluation.profiles import feature_columns, metadata_columns
+from cytopretrain.evaluation.protocols.common import accuracy_result, vote
+from cytopretrain.evaluation.protocols.retrieval import _best_threshold
 
 torch.set_num_threads(2)
 BBBC021 = DATA / "bbbc021"
@@ -58,19 +62,19 @@ def clustered():
 
 def test_metadata_and_feature_columns():
     frame = table({"idx": [1, 2], "label": ["a", "b"]}, [[1.0, 2.0], [3.0, 4.0]])
-    assert ev.metadata_columns(frame) == ["Metadata_idx", "Metadata_label"]
-    assert ev.feature_columns(frame) == ["f0", "f1"]
+    assert metadata_columns(frame) == ["Metadata_idx", "Metadata_label"]
+    assert feature_columns(frame) == ["f0", "f1"]
 
 
 def test_vote_rule():
     codes = np.array([[0, 1, 1, -1], [0, 1, 2, -1], [1, 0, 0, 1], [2, 0, 0, 2], [0, -1, -1, -1], [-1, -1, -1, -1]])
     # majority 1; three-way tie -> nearest (0); 2-2 tie -> label of position 0 (1);
     # 2-2 tie between 2 and 0 -> 2 comes first; a single neighbour; no neighbour at all.
-    np.testing.assert_array_equal(ev._vote(codes), [1, 0, 1, 2, 0, -1])
+    np.testing.assert_array_equal(vote(codes), [1, 0, 1, 2, 0, -1])
 
 
 def test_result_fields_and_ci():
-    result = ev._accuracy_result("x", np.array(["a", "a", "b", "b"]), ["a", "b", "b", None])
+    result = accuracy_result("x", np.array(["a", "a", "b", "b"]), ["a", "b", "b", None])
     assert (result["n"], result["correct"], result["accuracy"]) == (4, 2, 0.5)
     assert result["ci95"] == pytest.approx(1.96 * np.sqrt(0.25 / 4))
     assert result["per_class"] == {"a": {"n": 2, "correct": 1, "accuracy": 0.5},
@@ -101,7 +105,7 @@ def test_knn_loo_by_hand():
 def test_knn_loo_matches_sklearn(clustered):
     result = ev.knn_loo(clustered, k=11)
     labels = clustered["Metadata_label"].to_numpy()
-    z = StandardScaler().fit_transform(clustered[ev.feature_columns(clustered)].to_numpy())
+    z = StandardScaler().fit_transform(clustered[feature_columns(clustered)].to_numpy())
     _, neighbours = NearestNeighbors(n_neighbors=11).fit(z).kneighbors()  # leaves each row out
     expected = [vote_by_hand(list(labels[row])) for row in neighbours]
     assert result["correct"] == sum(e == t for e, t in zip(expected, labels))
@@ -139,7 +143,7 @@ def test_knn_holdout_by_hand():
 
 def test_knn_holdout_matches_sklearn(clustered):
     result = ev.knn_holdout(clustered, k=11)
-    features = clustered[ev.feature_columns(clustered)].to_numpy()
+    features = clustered[feature_columns(clustered)].to_numpy()
     labels, splits = clustered["Metadata_label"].to_numpy(), clustered["Metadata_split"].to_numpy()
     train = splits == "train"
     scaler = StandardScaler().fit(features[train])  # fit on train only
@@ -423,7 +427,7 @@ def test_best_threshold_matches_exhaustive_search():
     rng = np.random.default_rng(6)
     same = rng.random(300) < 0.5
     similarity = np.round(rng.normal(size=300) * 0.2 + np.where(same, 0.6, 0.3), 2)  # with ties
-    threshold, accuracy = ev._best_threshold(similarity, same)
+    threshold, accuracy = _best_threshold(similarity, same)
     candidates = np.unique(np.r_[similarity, similarity + 0.005, -9.0])
     accuracies = [((similarity >= t) == same).mean() for t in candidates]
     assert accuracy == pytest.approx(max(accuracies))
@@ -432,7 +436,7 @@ def test_best_threshold_matches_exhaustive_search():
 
 def test_pair_threshold_retrieval_matches_sklearn(clustered):
     result = ev.pair_threshold(clustered, seed=5, n_pairs=400)
-    values = clustered[ev.feature_columns(clustered)].to_numpy()
+    values = clustered[feature_columns(clustered)].to_numpy()
     labels = clustered["Metadata_label"].to_numpy()
     _, neighbours = NearestNeighbors(n_neighbors=10).fit(values).kneighbors()
     assert result["retrieval_precision"] == pytest.approx((labels[neighbours] == labels[:, None]).mean())
@@ -451,7 +455,7 @@ def test_nn_agreement_by_hand():
 
 @pytest.mark.parametrize("method", ["fastica", "pca"])
 def test_embedding_and_agreement_match_sklearn(clustered, method):
-    values = clustered[ev.feature_columns(clustered)].to_numpy()
+    values = clustered[feature_columns(clustered)].to_numpy()
     coordinates = ev.embedding_2d(clustered, method=method, seed=3)
     if method == "fastica":
         expected = FastICA(2, fun="cube", max_iter=3000, tol=1e-5, whiten="unit-variance",
@@ -470,7 +474,7 @@ def test_embedding_and_agreement_match_sklearn(clustered, method):
 def test_outlier_scores_by_hand():
     values = np.r_[np.arange(10.0), 100.0]
     frame = table({"idx": [f"t{i}" for i in range(11)]}, values)
-    result = ev.outlier_scores(frame, k=2, min_samples=3)
+    result = outlier_scores(frame, k=2, min_samples=3)
     sigma = values.std()
     # Distances to the 2nd nearest other row: 2 at both ends of 0..9, 1 inside, 92 for 100.
     # The knee of the sorted curve (eight 1s, two 2s, 92) is the last 2: eps = 2 / sigma.
@@ -487,7 +491,7 @@ def test_outlier_scores_by_hand():
 def test_outlier_scores_match_sklearn():
     rng = np.random.default_rng(8)
     latents = np.r_[rng.normal(size=(200, 6)), rng.normal(size=(5, 6)) * 8]
-    result = ev.outlier_scores(latents, k=5, eps=1.5, min_samples=5)
+    result = outlier_scores(latents, k=5, eps=1.5, min_samples=5)
     z = StandardScaler().fit_transform(latents)
     distances, _ = NearestNeighbors(n_neighbors=5).fit(z).kneighbors()
     np.testing.assert_allclose(result["score"], distances.mean(axis=1), rtol=1e-5)
@@ -515,7 +519,7 @@ def test_outlier_scores_match_sklearn():
         (lambda f: ev.knn_holdout(f.assign(Metadata_split="test")), "'train'"),
         (lambda f: ev.nn_agreement(f, space="umap"), "space"),
         (lambda f: ev.embedding_2d(f, method="tsne"), "method"),
-        (lambda f: ev.outlier_scores(f.iloc[:3]), "rows"),
+        (lambda f: outlier_scores(f.iloc[:3]), "rows"),
         (lambda f: ev.knn_loo(f[["Metadata_label"]]), "no feature columns"),
     ],
 )

@@ -5,7 +5,6 @@ import re
 
 import pytest
 import yaml
-
 from workflow_helpers import REPO, check, snakemake
 
 EXPERIMENTS = sorted((REPO / "config" / "experiments").glob("*.yaml"))

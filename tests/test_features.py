@@ -13,22 +13,19 @@ import pytest
 import tifffile
 import torch
 import torch.nn.functional as F
+from cell_images import DATA
 
-from cytopretrain.features import (
-    METADATA_COLUMNS,
+from cytopretrain.core.errors import SchemaError
+from cytopretrain.core.imageio import read_channels
+from cytopretrain.curation.sources import run_adapter
+from cytopretrain.evaluation.features import (
     extract_features,
     extract_features_to_parquet,
-    fuse_profiles,
-    inference_copy,
-    plane_percentiles,
     random_init_backbone,
-    write_profiles,
 )
-from cytopretrain.imageio import read_channels
-from cytopretrain.models import InferenceBackbone
-from cytopretrain.schema import SchemaError
-from cytopretrain.sources import run_adapter
-from cell_images import DATA
+from cytopretrain.evaluation.preprocess import plane_percentiles
+from cytopretrain.evaluation.profiles import METADATA_COLUMNS, fuse_profiles, write_profiles
+from cytopretrain.learning.models import InferenceBackbone
 
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"real test data not found at {DATA}")
 
@@ -256,7 +253,7 @@ def test_small_images_are_zero_padded_centred(tmp_path, resnet):
 @pytest.mark.parametrize("pixels", [300, 68 * 68, 200 * 200])
 @pytest.mark.parametrize("low, high", [(0.1, 99.9), (0.0, 100.0), (40.0, 60.0)])
 def test_plane_percentiles_equal_np_percentile_on_every_path(dtype, pixels, low, high):
-    """Histogram (large 8/16-bit planes), topk (near the ends) and partition (the rest) give
+    """Histogram (large 8/16-bit planes) and partial sorting (the rest) give
     np.percentile's linear-method values, ties and all, for every plane of a stack."""
     rng = np.random.default_rng(pixels)
     spread = rng.gamma(0.5, 300, (5, pixels))
@@ -307,94 +304,48 @@ def test_batching_by_shape_equals_one_by_one(tmp_path, resnet):
     assert len(resized) == len(table)
 
 
-def test_cpu_lanes_give_the_features_of_one_inline_forward(tmp_path, resnet, monkeypatch):
-    """On the CPU each torch thread runs whole batches on one intra-op thread (a lane): the
-    forwards happen in the lane threads, the results equal those of the model run in the
-    calling thread, and torch's thread count is restored afterwards. Lanes run with a short
-    thread switch interval, Python's own restored afterwards."""
-    import sys
+def test_loader_threads_give_the_features_of_inline_loading(tmp_path, resnet, monkeypatch):
+    """num_workers threads read and preprocess ahead of the model, which runs in the calling
+    thread; the profiles equal those of loading inline, in table order, and torch's thread
+    count is restored afterwards."""
     import threading
-
-    import cytopretrain.features as features
 
     rng = np.random.default_rng(8)
     rows = [(f"img{i}", write_tiff_image(tmp_path, f"img{i}", spots((24 + 8 * (i % 3), 32), rng))) for i in range(13)]
     table = generated_table(rows)
+    forward_threads = []
+    forward = InferenceBackbone.forward
+    monkeypatch.setattr(InferenceBackbone, "forward", lambda m, x: forward_threads.append(threading.current_thread().name) or forward(m, x))
     threads = torch.get_num_threads()
-    forward_threads, switch_intervals = [], []
-    forward = InferenceBackbone.forward
-
-    def recorded(module, x):
-        forward_threads.append(threading.current_thread().name)
-        switch_intervals.append(sys.getswitchinterval())
-        return forward(module, x)
-
-    monkeypatch.setattr(InferenceBackbone, "forward", recorded)
-    try:
-        torch.set_num_threads(2)
-        switch_before = sys.getswitchinterval()
-        in_lanes, _ = extract_features(table, resnet, channel_mode="concat", batch_size=4, num_workers=0)
-        assert torch.get_num_threads() == 2 and sys.getswitchinterval() == switch_before
-        assert set(switch_intervals) == {features._LANE_SWITCH_SECONDS} != {switch_before}
-        lanes_used = set(forward_threads)
-        forward_threads.clear()
-        switch_intervals.clear()
-        torch.set_num_threads(1)  # no lanes: loader threads feed the model in the calling thread (as on a GPU)
-        inline, _ = extract_features(table, resnet, channel_mode="concat", batch_size=4, num_workers=2)
-        inline_used = set(forward_threads)
-    finally:
-        torch.set_num_threads(threads)
-    assert lanes_used and all(name.startswith("features-worker") for name in lanes_used)
-    assert inline_used == {threading.main_thread().name} and set(switch_intervals) == {switch_before}
-    assert in_lanes["Metadata_idx"].tolist() == inline["Metadata_idx"].tolist() == table["idx"].tolist()
-    np.testing.assert_allclose(features_of(in_lanes), features_of(inline), rtol=1e-4, atol=1e-5)
-
-
-def test_cpu_forward_slices_give_the_features_of_whole_batches(tmp_path, resnet, monkeypatch):
-    """On the CPU a batch goes through the model in slices of at most _CPU_SLICE_PIXELS input
-    pixels; slicing changes nothing but the number of forward calls."""
-    import cytopretrain.features as features
-
-    rng = np.random.default_rng(16)
-    table = generated_table([(f"s{i}", write_tiff_image(tmp_path, f"s{i}", spots((32, 32), rng))) for i in range(7)])
-    calls = []
-    forward = InferenceBackbone.forward
-    monkeypatch.setattr(InferenceBackbone, "forward", lambda m, x: calls.append(len(x)) or forward(m, x))
-    whole, _ = extract_features(table, resnet, channel_mode="merge", batch_size=8, device="cpu")
-    assert calls == [7]
-    calls.clear()
-    monkeypatch.setattr(features, "_CPU_SLICE_PIXELS", 3 * 32 * 32 + 5)
-    assert features.cpu_slice_images(32, 32) == 3
-    sliced, _ = extract_features(table, resnet, channel_mode="merge", batch_size=8, device="cpu")
-    assert calls == [3, 3, 1]
-    np.testing.assert_allclose(features_of(sliced), features_of(whole), rtol=1e-5, atol=1e-6)
+    loaded, _ = extract_features(table, resnet, channel_mode="concat", batch_size=4, num_workers=2)
+    assert torch.get_num_threads() == threads
+    assert set(forward_threads) == {threading.main_thread().name}
+    inline, _ = extract_features(table, resnet, channel_mode="concat", batch_size=4, num_workers=0)
+    assert loaded["Metadata_idx"].tolist() == inline["Metadata_idx"].tolist() == table["idx"].tolist()
+    np.testing.assert_array_equal(features_of(loaded), features_of(inline))
 
 
 @pytest.mark.parametrize("threads", [1, 2])
 def test_many_shapes_do_not_pile_up_in_memory(tmp_path, resnet, monkeypatch, threads):
     """Twenty crops of twenty sizes never fill a shape bucket; the run must still hand batches
     to the model long before the last image is read (memory bounded by a few batches), with
-    the model in the calling thread (1 torch thread) or in lanes (2)."""
-    import cytopretrain.features as features
+    loading inline (0 loader threads) or in 2 loader threads."""
+    import cytopretrain.evaluation.preprocess as preprocess
 
     rng = np.random.default_rng(14)
     rows = [(f"crop{i}", write_tiff_image(tmp_path, f"crop{i}", spots((20 + i, 24), rng))) for i in range(20)]
     table = generated_table(rows)
     reads = []
-    original = features.read_channels
-    monkeypatch.setattr(features, "read_channels", lambda *a, **k: reads.append(1) or original(*a, **k))
+    original = preprocess.read_channels
+    monkeypatch.setattr(preprocess, "read_channels", lambda *a, **k: reads.append(1) or original(*a, **k))
     reads_at_forward = []
     forward = InferenceBackbone.forward
     monkeypatch.setattr(InferenceBackbone, "forward", lambda m, x: reads_at_forward.append(len(reads)) or forward(m, x))
-    previous = torch.get_num_threads()
-    try:
-        torch.set_num_threads(threads)
-        profiles, _ = extract_features(table, resnet, channel_mode="merge", batch_size=2, num_workers=0)
-    finally:
-        torch.set_num_threads(previous)
+    workers = threads - 1
+    profiles, _ = extract_features(table, resnet, channel_mode="merge", batch_size=2, num_workers=workers)
     # The fullest bucket leaves once 4 batches wait; images are read in groups of one batch (2).
-    # Lanes read ahead: one group per lane plus one, and the batch waits for a free lane.
-    in_flight = 0 if threads == 1 else (threads + 1) * 2 + 2
+    # Loader threads read ahead: at most 2 groups per thread in flight.
+    in_flight = 2 * workers * 2
     assert reads_at_forward[0] <= 4 * 2 + 2 + in_flight
     assert profiles["Metadata_idx"].tolist() == table["idx"].tolist()
     for row, paths in zip(features_of(profiles)[::7], table["channel_paths"][::7]):
@@ -525,12 +476,10 @@ def test_bf16_features_match_fp32_and_the_backbone_is_left_untouched(tmp_path):
     assert backbone.layer1[0].conv1.weight.device.type == "cpu"
 
 
-def test_the_folded_inference_copy_is_reused_until_the_weights_change(tmp_path):
+def test_features_follow_the_backbone_weights_between_calls(tmp_path):
+    """Each call folds the backbone as it is: weights changed in place or replaced between two
+    calls give new features, and each call's equal the direct recipe on the current weights."""
     backbone = random_init_backbone("resnet18", in_channels=1, seed=3)
-    cpu = torch.device("cpu")
-    first = inference_copy(backbone, cpu, torch.channels_last)
-    assert inference_copy(backbone, cpu, torch.channels_last) is first
-    assert inference_copy(backbone, cpu, torch.contiguous_format) is not first
     rng = np.random.default_rng(15)
     images = {f"i{i}": spots((32, 36), rng) for i in range(3)}
     table = generated_table([(name, write_tiff_image(tmp_path, name, image)) for name, image in images.items()])

@@ -9,10 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
+from cell_images import DATA
 from PIL import Image
 
-from cytopretrain.imageio import ImageReadError, _plain_tiff_layout, read_channels, read_image
-from cell_images import DATA
+from cytopretrain.core.errors import ImageReadError
+from cytopretrain.core.imageio import _plain_tiff_layout, read_channels, read_image
 
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"real test data not found at {DATA}")
 

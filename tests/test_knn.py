@@ -1,4 +1,4 @@
-"""Exact kNN (cytopretrain.knn) against scikit-learn and a float64 numpy brute force."""
+"""Exact kNN (cytopretrain.evaluation.knn) against scikit-learn and a float64 numpy brute force."""
 
 from __future__ import annotations
 
@@ -7,8 +7,15 @@ import pytest
 import torch
 from sklearn.neighbors import NearestNeighbors
 
-from cytopretrain.knn import (
-    KnnError, _bound_holds, _prepare, _Search, _smallest_per_row, knn, knn_search, resolve_precision,
+from cytopretrain.core.errors import KnnError
+from cytopretrain.evaluation.knn import (
+    _bound_holds,
+    _prepare,
+    _Search,
+    _smallest_per_row,
+    knn,
+    knn_search,
+    resolve_precision,
 )
 
 torch.set_num_threads(2)

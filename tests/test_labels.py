@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-
 import numpy as np
 import pandas as pd
 import pytest
+from cell_images import DATA
+from fake_metadata import make_metadata
 
-from cytopretrain.fake_metadata import make_metadata
-from cytopretrain.labels import (
+from cytopretrain.core.errors import SchemaError
+from cytopretrain.core.schema import CANONICAL_FIELDS, LABEL_COLUMNS, conform
+from cytopretrain.core.tables import read_table, write_table
+from cytopretrain.curation.labels import (
     REPORT_SCHEMA,
     SELECTION_SCHEMA,
     assign_weak_labels,
@@ -16,9 +19,6 @@ from cytopretrain.labels import (
     prelim_strata,
     split_tokens,
 )
-from cytopretrain.schema import CANONICAL_FIELDS, LABEL_COLUMNS, SchemaError, conform
-from cytopretrain.tables import read_table, write_table
-from cell_images import DATA
 
 NEEDED = ("idx", "name", *LABEL_COLUMNS)
 

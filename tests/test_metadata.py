@@ -9,13 +9,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-
-from cytopretrain.metadata import describe, merge_tables, plot_description, read_issue_tables
-from cytopretrain.schema import CANONICAL_FIELDS, CANONICAL_SCHEMA, LABEL_COLUMNS, SchemaError
-from cytopretrain.sources import run_adapter
-from cytopretrain.tables import read_table, write_table
 from cell_images import DATA
 
+from cytopretrain.core.errors import SchemaError
+from cytopretrain.core.schema import CANONICAL_FIELDS, CANONICAL_SCHEMA, LABEL_COLUMNS
+from cytopretrain.core.tables import read_table, write_table
+from cytopretrain.curation.metadata import describe, merge_tables, plot_description, read_issue_tables
+from cytopretrain.curation.sources import run_adapter
 
 
 def real(name: str) -> Path:

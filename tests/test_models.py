@@ -11,15 +11,9 @@ import torch
 import torchvision
 from torch import nn
 
-from cytopretrain.models import (
-    BACKBONES,
-    InferenceBackbone,
-    WeightsError,
-    build_backbone,
-    load_backbone,
-    save_backbone,
-)
-from cytopretrain.pretext import build_method
+from cytopretrain.core.errors import WeightsError
+from cytopretrain.learning.models import BACKBONES, InferenceBackbone, build_backbone, load_backbone, save_backbone
+from cytopretrain.learning.pretext import build_method
 
 # Pooled feature sizes as torchvision documents the networks' classifier inputs.
 FEATURE_DIM = {"efficientnet_b0": 1280, "resnet18": 512, "resnet50": 2048, "densenet121": 1024}

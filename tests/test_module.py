@@ -5,9 +5,9 @@ import sys
 
 import pytest
 import yaml
-
-from cytopretrain.shards import load_index
 from workflow_helpers import DATA, REPO
+
+from cytopretrain.curation.shards import load_index
 
 pytestmark = [
     pytest.mark.slow,

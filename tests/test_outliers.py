@@ -1,4 +1,4 @@
-"""Outlier QC (cytopretrain.outliers): text ground truth per crop window, and the autoencoder's
+"""Outlier QC (cytopretrain.evaluation.outliers): text ground truth per crop window, and the autoencoder's
 scores of real BBBC021 cell crops written as shards."""
 
 from __future__ import annotations
@@ -7,17 +7,16 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from cell_images import BBBC_CELLS, to_uint8
 from PIL import Image
 
-from cytopretrain import shards
-from cytopretrain.crops import CROP_SCHEMA
-from cytopretrain.models import build_backbone
-from cytopretrain.outliers import encode_crops, score_crops, shows_text, text_boxes
-from cytopretrain.pretext import build_method
-from cytopretrain.schema import conform
-from cytopretrain.tables import ParquetStreamWriter, encode_pixels
-
-from cell_images import BBBC_CELLS, to_uint8
+from cytopretrain.core.schema import conform
+from cytopretrain.core.tables import ParquetStreamWriter, encode_pixels
+from cytopretrain.curation import shards
+from cytopretrain.curation.crops import CROP_SCHEMA
+from cytopretrain.evaluation.outliers import encode_crops, score_crops, shows_text, text_boxes
+from cytopretrain.learning.models import build_backbone
+from cytopretrain.learning.pretext import build_method
 
 torch.set_num_threads(2)
 

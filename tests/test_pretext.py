@@ -12,12 +12,12 @@ import pytest
 import scipy.ndimage
 import torch
 import torch.nn.functional as F
-
-from cytopretrain import augment
-from cytopretrain.models import build_backbone
-from cytopretrain.pretext import BYOL, POSITIONS, PatchLocation, build_method, method_options
-from cytopretrain.standardize import standardize_image
 from cell_images import DATA
+
+from cytopretrain.curation.standardize import standardize_image
+from cytopretrain.learning import augment
+from cytopretrain.learning.models import build_backbone
+from cytopretrain.learning.pretext import BYOL, POSITIONS, PatchLocation, build_method, method_options
 
 CELLS = DATA / "bbbc021_cells"
 

@@ -1,4 +1,4 @@
-"""Tests of cytopretrain.quality: the post-upsampling filters, chunk QC and label dropping."""
+"""Tests of cytopretrain.curation.quality: the post-upsampling filters, chunk QC and label dropping."""
 
 from __future__ import annotations
 
@@ -10,20 +10,20 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from cell_images import DATA
 from PIL import Image
 
-from cytopretrain.crops import CROP_SCHEMA, plan_crops, renormalize
-from cytopretrain.quality import (
+from cytopretrain.core.tables import ParquetStreamWriter, decode_pixels, encode_pixels, read_table
+from cytopretrain.curation.crops import CROP_SCHEMA, plan_crops, renormalize
+from cytopretrain.curation.quality import (
     DECISION_COLUMNS,
-    QCThresholds,
     SMALL_LABEL_REASON,
+    QCThresholds,
     check_image,
     drop_small_labels,
     inspect_image,
     qc_chunk,
 )
-from cytopretrain.tables import ParquetStreamWriter, decode_pixels, encode_pixels, read_table
-from cell_images import DATA
 
 RXRX1 = DATA / "rxrx1"
 SHAPE = (100, 100)

@@ -1,9 +1,9 @@
 """Tests of the HTML report (cytopretrain.report) on inputs built here by the real stages.
 
 Shards come from ``write_shards`` over crops of real cells (yeast_toy TIFFs: 1- and 2-channel,
-bbbc021_cells: 3-channel); evaluation records from ``cytopretrain.evaluate`` run on generated
-profile tables and tabulated by ``cytopretrain.summary``; a training run from
-``cytopretrain.train``; outlier scores from ``cytopretrain.outliers.score_crops`` on latents
+bbbc021_cells: 3-channel); evaluation records from ``cytopretrain.evaluation.protocols`` run on generated
+profile tables and tabulated by ``cytopretrain.evaluation.summary``; a training run from
+``cytopretrain.learning.train``; outlier scores from ``cytopretrain.evaluation.outliers.score_crops`` on latents
 with planted outliers. Expected values are computed here from those inputs, never read back
 from the report module.
 """
@@ -22,15 +22,23 @@ import pandas as pd
 import pytest
 import tifffile
 import torch
-
-from cytopretrain import evaluate, report, shards, train
-from cytopretrain.crops import CROP_SCHEMA
-from cytopretrain.outliers import score_crops
-from cytopretrain.schema import conform
-from cytopretrain.summary import summarize
-from cytopretrain.tables import ParquetStreamWriter, encode_pixels, write_table
-
 from cell_images import BBBC_CELLS, DATA, YEAST, to_uint8
+
+from cytopretrain import report
+from cytopretrain.core.errors import ReportInputError
+from cytopretrain.core.schema import conform
+from cytopretrain.core.tables import ParquetStreamWriter, encode_pixels, write_table
+from cytopretrain.curation import shards
+from cytopretrain.curation.crops import CROP_SCHEMA
+from cytopretrain.evaluation import protocols as evaluate
+from cytopretrain.evaluation.outliers import score_crops
+from cytopretrain.evaluation.summary import summarize
+from cytopretrain.learning import train
+from cytopretrain.learning.checkpoints import read_metrics
+from cytopretrain.report.curation import MONTAGE_PER_LABEL
+from cytopretrain.report.evaluation import normalized_confusion
+from cytopretrain.report.samples import collect_samples, display_image, fit_tile
+from cytopretrain.report.training import metric_series
 
 YEAST_IMAGES = {"AAC1": 8, "AAC3": 6, "AAH1": 4, "AAP1": 5, "AAR2": 3}
 BBBC_IMAGES = 8  # per MOA
@@ -340,7 +348,7 @@ def write_runs(shard_dir: Path, folder: Path) -> list[Path]:
         run_dir = folder / "train" / run
         run_dir.mkdir(parents=True)
         shutil.copyfile(result["model_card"], run_dir / "model_card.json")
-        records = train.read_metrics(folder / "work" / "weak_label" / "metrics.jsonl")
+        records = read_metrics(folder / "work" / "weak_label" / "metrics.jsonl")
         if run == "no_validation":
             records = [{k: v for k, v in r.items() if not k.startswith("val_")} for r in records]
             records = [r for r in records if "loss" in r]
@@ -489,7 +497,7 @@ def test_label_table_counts_the_shards(built, inputs):
 def test_montage_notes_short_labels(built, inputs):
     samples = shard_samples(inputs["shard_dir"])
     per_label = collections.Counter(s["label"] for s in samples)
-    short = sorted(label for label, n in per_label.items() if n < report.MONTAGE_PER_LABEL)
+    short = sorted(label for label, n in per_label.items() if n < MONTAGE_PER_LABEL)
     assert short, "the inputs should hold a label with fewer crops than a montage row"
     note = next(n for n in built["page"].notes if n.startswith("Fewer than"))
     assert sorted(note.split(": ")[1].rstrip(".").split(", ")) == short
@@ -565,7 +573,7 @@ def test_collect_samples_streams_the_wanted_crops(inputs):
     shard_dir = inputs["shard_dir"]
     index = pd.read_csv(shard_dir / "index.tsv", sep="\t")
     kept = {c for c in sorted(inputs["crops"])[::7] if inputs["crops"][c]["label"] != DROPPED_LABEL}
-    by_label, by_id = report.collect_samples(shard_dir / "index.tsv", index, {"aac1": 3, "dmso": 2}, kept)
+    by_label, by_id = collect_samples(shard_dir / "index.tsv", index, {"aac1": 3, "dmso": 2}, kept)
     assert set(by_id) == kept
     for crop_id, sample in by_id.items():
         assert sample["pixels"] == inputs["crops"][crop_id]["pixels"]
@@ -577,7 +585,7 @@ def test_display_image_channels():
     rng = np.random.default_rng(0)
     for channels in (1, 2, 3, 4):
         image = rng.integers(0, 256, (5, 7, channels), dtype=np.uint8)
-        shown = report.display_image(encode_pixels(image))
+        shown = display_image(encode_pixels(image))
         if channels == 1:
             assert np.array_equal(shown, image[:, :, 0])
         elif channels == 3:
@@ -588,11 +596,11 @@ def test_display_image_channels():
 
 def test_fit_tile_keeps_aspect_and_pixels():
     grey = np.arange(12, dtype=np.uint8).reshape(3, 4) * 20
-    enlarged = report.fit_tile(grey, 8)
+    enlarged = fit_tile(grey, 8)
     assert enlarged.shape == (6, 8, 3)
     assert np.array_equal(enlarged[:, :, 1], np.repeat(np.repeat(grey, 2, axis=0), 2, axis=1))
     rgb = np.random.default_rng(1).integers(0, 256, (300, 600, 3), dtype=np.uint8)
-    shrunk = report.fit_tile(rgb, 100)
+    shrunk = fit_tile(rgb, 100)
     assert shrunk.shape == (50, 100, 3)
     # Area averaging: each output pixel is the mean of its 6 x 6 input block.
     block = rgb[:6, :6].reshape(-1, 3).mean(axis=0)
@@ -601,14 +609,14 @@ def test_fit_tile_keeps_aspect_and_pixels():
 
 def test_confusion_is_normalized_per_true_label(inputs, tmp_path):
     result = inputs["records"][3]["results"]["knn_loo"]
-    labels, shares = report.normalized_confusion(result["confusion"], tmp_path / "x.json")
+    labels, shares = normalized_confusion(result["confusion"], tmp_path / "x.json")
     matrix = np.array(result["confusion"]["matrix"], dtype=float)
     for i, label in enumerate(labels):
         assert shares[i].sum() == pytest.approx(1.0)
         assert shares[i, i] == pytest.approx(result["per_class"][label]["accuracy"])
     assert matrix.sum() == result["n"]
-    with pytest.raises(report.ReportInputError, match="x.json"):
-        report.normalized_confusion({"labels": ["a", "b"], "matrix": [[1]]}, tmp_path / "x.json")
+    with pytest.raises(ReportInputError, match="x.json"):
+        normalized_confusion({"labels": ["a", "b"], "matrix": [[1]]}, tmp_path / "x.json")
 
 
 # --------------------------------------------------------------------------- absent and bad input
@@ -662,7 +670,7 @@ def test_metric_series_reads_both_validation_styles():
         {"step": 4, "epoch": 0, "split": "validation", "cosine": 0.25},
         {"step": 6, "epoch": 1, "val_loss": 1.6, "val_cosine": 0.35},
     ]
-    series = report.metric_series(records)
+    series = metric_series(records)
     assert sorted(series) == ["cosine", "images_per_s", "loss", "lr", "val_cosine", "val_loss"]
     assert series["val_loss"][0].tolist() == [4, 6] and series["val_loss"][1].tolist() == [1.8, 1.6]
     assert series["val_cosine"][1].tolist() == [0.25, 0.35]
@@ -713,7 +721,7 @@ def corrupt(args: dict, name: str, folder: Path) -> tuple[dict, Path]:
 def test_malformed_input_raises_naming_the_file(inputs, tmp_path, name):
     args, bad = corrupt(inputs["args"], name, tmp_path)
     out = tmp_path / "report.html"
-    with pytest.raises(report.ReportInputError, match=str(bad).replace(".", r"\.")):
+    with pytest.raises(ReportInputError, match=str(bad).replace(".", r"\.")):
         report.build_report(**args, out_html=out)
     assert not out.exists()
 
@@ -724,7 +732,7 @@ def test_missing_shard_raises_naming_the_index(inputs, tmp_path):
     first = pd.read_csv(shard_dir / "index.tsv", sep="\t")["shard"].iloc[0]
     (shard_dir / first).unlink()
     with pytest.raises(
-        report.ReportInputError, match=rf"{shard_dir / 'index.tsv'}: shard '{first}' not found"
+        ReportInputError, match=rf"{shard_dir / 'index.tsv'}: shard '{first}' not found"
     ):
         report.build_report(
             **{**inputs["args"], "index": shard_dir / "index.tsv"}, out_html=tmp_path / "r.html"

@@ -17,20 +17,19 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import tifffile
 import tfrecord as pypi_tfrecord
+import tifffile
+from cell_images import BBBC_CELLS, DATA, YEAST, to_uint8
 from PIL import Image
 from tfrecord import example_pb2
 from tfrecord.writer import TFRecordWriter as PyPIWriter
 
-from cytopretrain import shards
-from cytopretrain import tfrecord as tfr
-from cytopretrain.crops import CROP_SCHEMA
-from cytopretrain.schema import CANONICAL_FIELDS, SchemaError, conform
-from cytopretrain.tables import ParquetStreamWriter, encode_pixels, write_table
-
-from cell_images import BBBC_CELLS, DATA, YEAST, to_uint8
-
+from cytopretrain.core.errors import SchemaError, TFRecordError
+from cytopretrain.core.schema import CANONICAL_FIELDS, conform
+from cytopretrain.core.tables import ParquetStreamWriter, encode_pixels, write_table
+from cytopretrain.curation import shards
+from cytopretrain.curation import tfrecord as tfr
+from cytopretrain.curation.crops import CROP_SCHEMA
 
 # Images per yeast protein: 10 * 0.25 = 2.5 and 6 * 0.25 = 1.5 exercise rounding half up.
 YEAST_IMAGES = {"AAC1": 12, "AAC3": 10, "AAH1": 7, "AAP1": 6, "AAR2": 2}
@@ -497,18 +496,18 @@ def test_corrupted_crc_is_detected(tmp_path):
     data_flip = bytearray(blob)
     data_flip[second + 12 + 5] ^= 0x01  # a byte inside record 1's data
     (tmp_path / "data.tfrecord").write_bytes(data_flip)
-    with pytest.raises(tfr.TFRecordError, match=r"data.tfrecord: record 1 .*data CRC"):
+    with pytest.raises(TFRecordError, match=r"data.tfrecord: record 1 .*data CRC"):
         list(tfr.read_records(tmp_path / "data.tfrecord"))
     assert len(list(tfr.read_records(tmp_path / "data.tfrecord", verify_crc=False))) == 3
 
     crc_flip = bytearray(blob)
     crc_flip[8] ^= 0x80  # record 0's length CRC
     (tmp_path / "length.tfrecord").write_bytes(crc_flip)
-    with pytest.raises(tfr.TFRecordError, match="record 0 .*length CRC"):
+    with pytest.raises(TFRecordError, match="record 0 .*length CRC"):
         list(tfr.read_records(tmp_path / "length.tfrecord"))
 
     (tmp_path / "short.tfrecord").write_bytes(blob[:-3])
-    with pytest.raises(tfr.TFRecordError, match="record 2 .*truncated"):
+    with pytest.raises(TFRecordError, match="record 2 .*truncated"):
         list(tfr.read_records(tmp_path / "short.tfrecord"))
 
 

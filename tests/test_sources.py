@@ -9,12 +9,11 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
-from cytopretrain.schema import CANONICAL_FIELDS, QUARANTINE_FIELDS, SchemaError
-from cytopretrain.sources import ADAPTERS, get_adapter, run_adapter
-from cytopretrain.sources.base import SourceError
 from cell_images import DATA
 
+from cytopretrain.core.errors import SchemaError, SourceError
+from cytopretrain.core.schema import CANONICAL_FIELDS, QUARANTINE_FIELDS
+from cytopretrain.curation.sources import ADAPTERS, get_adapter, run_adapter
 
 
 def real(name: str) -> Path:
@@ -565,7 +564,7 @@ def test_manifest_on_real_bbbc021_cells():
     for paths, file in zip(table["channel_paths"], cells["file"], strict=True):
         assert paths == [str(root / file)] and Path(paths[0]).is_file()
     assert (table["cell_type"] == "mcf7").all()
-    imageio = pytest.importorskip("cytopretrain.imageio")
+    imageio = pytest.importorskip("cytopretrain.core.imageio")
     assert imageio.read_channels(table["channel_paths"].iloc[0]).shape == (68, 68, 3)
 
 
@@ -653,10 +652,11 @@ def test_adapters_read_the_synthetic_layouts(synthetic_collection, layout):
 
 
 def test_canonical_table_keeps_rows_and_anchors_relative_paths(tmp_path):
-    from cytopretrain.fake_metadata import make_metadata
-    from cytopretrain.schema import CANONICAL_SCHEMA
     import pyarrow as pa
     import pyarrow.parquet as pq
+    from fake_metadata import make_metadata
+
+    from cytopretrain.core.schema import CANONICAL_SCHEMA
 
     frame = make_metadata(500, seed=2)
     frame.at[0, "channel_paths"] = ["rel/a.tif", "/abs/b.tif"]

@@ -18,9 +18,11 @@ from PIL import Image
 from scipy import ndimage
 
 from cytopretrain import synthetic
-from cytopretrain.schema import CANONICAL_FIELDS, LOWERCASE_COLUMNS
-from cytopretrain.sources.base import SourceError
-from cytopretrain.sources.synthetic import adapt
+from cytopretrain.core.errors import SourceError
+from cytopretrain.core.schema import CANONICAL_FIELDS, LOWERCASE_COLUMNS
+from cytopretrain.curation.sources.synthetic import NATIVE_COLUMNS, adapt
+from cytopretrain.synthetic.collection import plan_layout
+from cytopretrain.synthetic.layouts import COOS7_CLASSES
 
 REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SEED = 11
@@ -103,7 +105,7 @@ def test_documented_counts_at_scale_one(tmp_path):
         layout: int(re.search(rf"^{layout}\s.*?\s(\d+) (?:fields|cells)", doc, re.M | re.S).group(1))
         for layout in synthetic.LAYOUTS
     }
-    plans = {layout: synthetic._plan(layout, tmp_path / layout, 0, 1.0, 256) for layout in synthetic.LAYOUTS}
+    plans = {layout: plan_layout(layout, tmp_path / layout, 0, 1.0, 256) for layout in synthetic.LAYOUTS}
     assert {k: p.images for k, p in plans.items()} == expected
     fields = sum(plans[k].images for k in ("bbbc021", "rxrx1", "hpa", "synthetic"))
     cells = sum(plans[k].images for k in ("cyclops", "coos7"))
@@ -230,7 +232,7 @@ def test_hpa_cyclops_coos7_layouts(collection):
     coos7 = out / "coos7"
     assert sorted(p.name for p in coos7.iterdir()) == ["test1", "test2", "test3", "test4", "train"]
     for split in coos7.iterdir():
-        assert sorted(p.name for p in split.iterdir()) == sorted(synthetic.COOS7_CLASSES)
+        assert sorted(p.name for p in split.iterdir()) == sorted(COOS7_CLASSES)
     protein = sorted(coos7.rglob("*_protein.tif"))
     assert all(p.with_name(p.name.replace("_protein.tif", "_nucleus.tif")).is_file() for p in protein)
     assert tifffile.imread(protein[0]).dtype == np.uint16
@@ -240,7 +242,7 @@ def test_synthetic_native_layout_mixes_formats(collection):
     out, summary = collection
     root = out / "synthetic"
     meta = pd.read_csv(root / "metadata.csv", dtype=str, keep_default_na=False)
-    assert list(meta.columns) == list(synthetic.NATIVE_COLUMNS)
+    assert list(meta.columns) == list(NATIVE_COLUMNS)
     assert len(meta) == summary["layouts"]["synthetic"]["images"]
     files = meta.files.str.split(";")
     suffixes = {Path(f).suffix for fs in files for f in fs}
@@ -482,14 +484,14 @@ GOOD = ["a1", "images/p/a1_dna.tif;images/p/a1_actin.tif", "dna|actin", "human",
 @pytest.mark.parametrize(
     "rows, message",
     [
-        ([list(synthetic.NATIVE_COLUMNS) + ["colour"], GOOD + ["red"]], r"metadata\.csv: unknown column.*colour"),
-        ([list(synthetic.NATIVE_COLUMNS), GOOD[:-1]], r"metadata\.csv line 2: 14 fields"),
-        ([list(synthetic.NATIVE_COLUMNS), GOOD[:8] + ["lots"] + GOOD[9:]], r"metadata\.csv row 1 .*'a1'.*concentration 'lots'"),
-        ([list(synthetic.NATIVE_COLUMNS), GOOD[:2] + ["dna|actin|tubulin"] + GOOD[3:]], r"row 1 .*3 channel names for 2 files"),
-        ([list(synthetic.NATIVE_COLUMNS), GOOD[:11] + ["phase"] + GOOD[12:]], r"row 1 .*microscopy"),
-        ([list(synthetic.NATIVE_COLUMNS), GOOD, GOOD], r"metadata\.csv: duplicate image_id 'a1'"),
-        ([list(synthetic.NATIVE_COLUMNS), GOOD[:1] + ["../outside.tif"] + ["dna"] + GOOD[3:]], r"relative to the layout root"),
-        ([list(synthetic.NATIVE_COLUMNS)], r"no image rows"),
+        ([list(NATIVE_COLUMNS) + ["colour"], GOOD + ["red"]], r"metadata\.csv: unknown column.*colour"),
+        ([list(NATIVE_COLUMNS), GOOD[:-1]], r"metadata\.csv line 2: 14 fields"),
+        ([list(NATIVE_COLUMNS), GOOD[:8] + ["lots"] + GOOD[9:]], r"metadata\.csv row 1 .*'a1'.*concentration 'lots'"),
+        ([list(NATIVE_COLUMNS), GOOD[:2] + ["dna|actin|tubulin"] + GOOD[3:]], r"row 1 .*3 channel names for 2 files"),
+        ([list(NATIVE_COLUMNS), GOOD[:11] + ["phase"] + GOOD[12:]], r"row 1 .*microscopy"),
+        ([list(NATIVE_COLUMNS), GOOD, GOOD], r"metadata\.csv: duplicate image_id 'a1'"),
+        ([list(NATIVE_COLUMNS), GOOD[:1] + ["../outside.tif"] + ["dna"] + GOOD[3:]], r"relative to the layout root"),
+        ([list(NATIVE_COLUMNS)], r"no image rows"),
         ([["image_id", "files"]], r"missing required column.*microscopy"),
     ],
 )
@@ -502,7 +504,7 @@ def test_native_adapter_rejects_bad_metadata(tmp_path, rows, message):
 def test_native_adapter_rejects_missing_metadata_and_options(tmp_path):
     with pytest.raises(SourceError, match="metadata.csv"):
         adapt(tmp_path, "demo", {})
-    _write_metadata(tmp_path, [list(synthetic.NATIVE_COLUMNS), GOOD])
+    _write_metadata(tmp_path, [list(NATIVE_COLUMNS), GOOD])
     with pytest.raises(SourceError, match="takes no options"):
         adapt(tmp_path, "demo", {"extensions": [".tif"]})
     assert len(adapt(tmp_path, "demo", {}).table) == 1  # missing image files are not checked here
@@ -518,4 +520,4 @@ def test_default_generation_time(tmp_path):
     elapsed = time.perf_counter() - start
     counts = {k: v["images"] for k, v in summary["layouts"].items()}
     print(f"default synthetic collection: {elapsed:.1f} s, {counts}")
-    assert counts == {k: synthetic._plan(k, tmp_path / k, 7, 1.0, 256).images for k in synthetic.LAYOUTS}
+    assert counts == {k: plan_layout(k, tmp_path / k, 7, 1.0, 256).images for k in synthetic.LAYOUTS}

@@ -21,9 +21,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from cytopretrain import models, shards, train
 from test_data import write_shard_set
+
+from cytopretrain.curation import shards
+from cytopretrain.learning import models, train
+from cytopretrain.learning.checkpoints import CHECKPOINT_KEYS, read_metrics
+from cytopretrain.learning.settings import check_settings
 
 REPO = Path(__file__).resolve().parents[1]
 THREADS = 1  # bitwise reproducibility needs the same thread count in every process
@@ -46,7 +49,7 @@ BASE = {
 CHILD = """
 import json, sys, torch
 torch.set_num_threads({threads})
-from cytopretrain import train
+from cytopretrain.learning import train
 settings = json.loads(open(sys.argv[1]).read())
 train.train(settings, sys.argv[2], sys.argv[3])
 """
@@ -102,7 +105,7 @@ def assert_same_weights(out: Path, reference_out: Path) -> None:
 def comparable_metrics(out: Path) -> list[dict]:
     """metrics.jsonl without the timing field."""
     return [
-        {k: v for k, v in r.items() if k != "images_per_s"} for r in train.read_metrics(out / "metrics.jsonl")
+        {k: v for k, v in r.items() if k != "images_per_s"} for r in read_metrics(out / "metrics.jsonl")
     ]
 
 
@@ -116,14 +119,14 @@ def checkpoint_steps(out: Path) -> list[int]:
 def test_loss_falls(shard_dir, tmp_path):
     settings = {**BASE, "steps": 30, "lr": 1e-3, "log_every": 1, "checkpoint_every": 30, "validate_every": 30}
     train.train(settings, shard_dir, tmp_path)
-    losses = [r["loss"] for r in train.read_metrics(tmp_path / "metrics.jsonl") if "loss" in r]
+    losses = [r["loss"] for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r]
     assert len(losses) == 30
     # Single batches of 8 are noisy: compare the first 5 steps with the last 10.
     assert np.mean(losses[-10:]) < 0.5 * np.mean(losses[:5])
 
 
 def test_metrics_log_steps_and_values(shard_dir, reference):
-    records = train.read_metrics(reference["out"] / "metrics.jsonl")
+    records = read_metrics(reference["out"] / "metrics.jsonl")
     per_epoch = train_epoch_batches(shard_dir)
     assert [r["step"] for r in records] == [2, 4, 5, 6, 8, 10, 12]
     for record in records:
@@ -159,7 +162,7 @@ def test_checkpoint_contents(shard_dir, reference):
     out = reference["out"]
     assert checkpoint_steps(out) == [9, 12]  # the newest two of 3, 6, 9, 12
     state = torch.load(out / "checkpoints" / "step-0000012.pt", weights_only=True)
-    assert set(train.CHECKPOINT_KEYS) <= set(state)
+    assert set(CHECKPOINT_KEYS) <= set(state)
     assert state["step"] == 12 and state["world_size"] == 1
     assert (state["epoch"], state["position"]) == divmod(12, train_epoch_batches(shard_dir))
     method = tensors(out / "method.pt")
@@ -168,7 +171,7 @@ def test_checkpoint_contents(shard_dir, reference):
     assert len(state["rng"]) == 1
     assert set(state["rng"][0]) == {"torch", "cuda", "numpy", "python", "generator"}
     assert state["optimizer"]["state"] and state["scheduler"]["last_epoch"] == 12
-    assert state["settings"] == train.check_settings(BASE)
+    assert state["settings"] == check_settings(BASE)
     assert state["index_sha256"] == hashlib.sha256((shard_dir / "index.tsv").read_bytes()).hexdigest()
     earlier = torch.load(out / "checkpoints" / "step-0000009.pt", weights_only=True)
     assert not all(torch.equal(earlier["model"][k], state["model"][k]) for k in method)
@@ -287,7 +290,7 @@ def test_stale_checkpoints_are_discarded_so_a_changed_run_starts_over(shard_dir,
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"lr": None}, "missing key"),
+        ({"method": None}, r"missing key\(s\) \['method'\]"),
         ({"learning_rate": 0.1}, r"unknown key\(s\) \['learning_rate'\]"),
         ({"batch_size": 0}, "batch_size must be a positive integer"),
         ({"optimizer": "lamb"}, "optimizer must be one of"),
@@ -321,7 +324,7 @@ def test_artifacts_and_model_card(shard_dir, reference):
     card = json.loads((out / "model_card.json").read_text())
     index = shards.load_index(shard_dir)
     counts = index.groupby("split")["n_samples"].sum()
-    settings = train.check_settings(BASE)
+    settings = check_settings(BASE)
     canonical = json.dumps(settings, sort_keys=True, separators=(",", ":")).encode()
     assert card["backbone"] == "resnet18" and card["method"] == "weak_label"
     assert card["in_channels"] == 1 and card["image_size"] == 32 and card["feature_dim"] == 512
@@ -334,7 +337,7 @@ def test_artifacts_and_model_card(shard_dir, reference):
     }
     assert card["settings"] == settings
     assert card["config_hash"] == hashlib.sha256(canonical).hexdigest()
-    last = train.read_metrics(out / "metrics.jsonl")[-1]
+    last = read_metrics(out / "metrics.jsonl")[-1]
     assert card["final_metrics"]["loss"] == last["loss"] and "val_accuracy" in card["final_metrics"]
     assert card["steps"] == 12 and card["wall_time_s"] > 0
     assert card["device"] == "cpu" and card["precision"] == "float32"

@@ -9,11 +9,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-
-from cytopretrain import evaluate as ev
-from cytopretrain.config import ConfigError, validate_config
-from cytopretrain.well_profiles import WellProfileError, evaluate_well_profiles
 from workflow_helpers import DATA, REPO, check, snakemake, write_config
+
+from cytopretrain.core.config import validate_config
+from cytopretrain.core.errors import ConfigError, WellProfileError
+from cytopretrain.evaluation import protocols as ev
+from cytopretrain.evaluation.well_profiles import evaluate_well_profiles
 
 BBBC021 = DATA / "bbbc021"
 WELLS = BBBC021 / "ljosa_jbiomolscreen_2013_per_well_mean.csv.gz"

@@ -10,10 +10,10 @@ import re
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
-from cytopretrain.fake_metadata import make_metadata
-from cytopretrain.schema import CANONICAL_SCHEMA
+from fake_metadata import make_metadata
 from workflow_helpers import check, snakemake, write_config
+
+from cytopretrain.core.schema import CANONICAL_SCHEMA
 
 pytestmark = pytest.mark.slow
 

@@ -17,12 +17,12 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-
-from cytopretrain.config import random_baselines, validate_config
-from cytopretrain.imageio import read_image
-from cytopretrain.shards import iter_shard, load_index, load_labels
-from cytopretrain.tables import decode_pixels, read_table
 from workflow_helpers import check, demo_config, snakemake, write_config
+
+from cytopretrain.core.config import random_baselines, validate_config
+from cytopretrain.core.imageio import read_image
+from cytopretrain.core.tables import decode_pixels, read_table
+from cytopretrain.curation.shards import iter_shard, load_index, load_labels
 
 pytestmark = pytest.mark.slow
 

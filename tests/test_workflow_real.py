@@ -11,10 +11,10 @@ from __future__ import annotations
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-
-from cytopretrain.shards import iter_shard, load_index, load_labels
-from cytopretrain.tables import read_table
 from workflow_helpers import DATA, check, snakemake, write_config
+
+from cytopretrain.core.tables import read_table
+from cytopretrain.curation.shards import iter_shard, load_index, load_labels
 
 pytestmark = [
     pytest.mark.slow,

@@ -8,8 +8,9 @@ from pathlib import Path
 REPO_ROOT = Path(workflow.current_basedir).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from cytopretrain.config import random_baselines, validate_config
-from cytopretrain.download import load_resource, resource_from_config, transport_problem
+from cytopretrain.core.config import random_baselines, validate_config
+from cytopretrain.curation.download import transport_problem
+from cytopretrain.curation.resources import load_resource, resource_from_config
 
 validate_config(config, REPO_ROOT / "workflow" / "schemas" / "config.schema.yaml")
 

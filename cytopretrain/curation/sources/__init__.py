@@ -1,0 +1,179 @@
+"""Source adapters: one module per source layout, each turning its files into the canonical table.
+
+Every adapter module exposes ``adapt(root, source, options) -> AdapterResult``. Modules are
+imported only when asked for, so a missing or broken adapter cannot break the others.
+This module also holds the option handling the adapters share.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from cytopretrain.core.errors import SourceError
+from cytopretrain.core.schema import CANONICAL_FIELDS, LABEL_COLUMNS, MICROSCOPY_VALUES
+from cytopretrain.curation.sources.base import AdapterResult
+
+log = logging.getLogger(__name__)
+
+ADAPTERS = ("bbbc021", "rxrx1", "hpa", "cyclops", "coos7", "synthetic", "folder", "manifest", "canonical")
+
+# Marks an option that has no default and must be given in the config.
+REQUIRED = object()
+
+# Columns an adapter derives itself; options may not set them.
+DERIVED_COLUMNS = ("idx", "name", "dir_name", "path", "filename", "channels", "channel_paths")
+SETTABLE_COLUMNS = tuple(c for c in CANONICAL_FIELDS if c not in DERIVED_COLUMNS)
+
+Adapter = Callable[[Path, str, dict], AdapterResult]
+
+
+def get_adapter(name: str) -> Adapter:
+    """The ``adapt`` function of adapter ``name``."""
+    if name not in ADAPTERS:
+        raise SourceError(f"unknown adapter {name!r}; known adapters: {', '.join(ADAPTERS)}")
+    module_name = f"cytopretrain.curation.sources.{name}"
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name != module_name:
+            raise
+        raise SourceError(
+            f"adapter {name!r} is registered but its module {module_name} is not installed"
+        ) from None
+    return module.adapt
+
+
+def run_adapter(name: str, root: str | Path, source: str, options: dict | None) -> AdapterResult:
+    """Run adapter ``name`` on the folder ``root`` for config source ``source``."""
+    adapt = get_adapter(name)
+    root = Path(root)
+    if not root.is_dir():
+        raise SourceError(f"sources.{source}: source folder not found: {root}")
+    start = time.perf_counter()
+    result = adapt(root, source, dict(options or {}))
+    log.info(
+        "adapter %s on %s: %d rows, %d issues %s in %.1f s",
+        name,
+        root,
+        len(result.table),
+        len(result.issues),
+        result.issues["reason"].value_counts().to_dict(),
+        time.perf_counter() - start,
+    )
+    return result
+
+
+def option_key(source: str, key: str) -> str:
+    return f"sources.{source}.options.{key}"
+
+
+def resolve_options(options: dict | None, defaults: dict[str, Any], source: str) -> dict[str, Any]:
+    """``defaults`` updated with ``options``; unknown or missing required keys raise SourceError."""
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(defaults))
+    if unknown:
+        raise SourceError(
+            f"unknown option {option_key(source, unknown[0])}; "
+            f"this adapter accepts: {', '.join(sorted(defaults)) or 'no options'}"
+        )
+    merged = {**defaults, **options}
+    missing = [key for key, value in merged.items() if value is REQUIRED]
+    if missing:
+        raise SourceError(f"missing required option {option_key(source, missing[0])}")
+    return merged
+
+
+def check_choice(value: Any, choices: tuple, source: str, key: str) -> Any:
+    if value not in choices:
+        raise SourceError(f"{option_key(source, key)} must be one of {list(choices)}, got {value!r}")
+    return value
+
+
+def check_str_list(value: Any, source: str, key: str, allow_empty: bool = False) -> list[str]:
+    if isinstance(value, str) or not isinstance(value, (list, tuple)):
+        raise SourceError(f"{option_key(source, key)} must be a list of strings, got {value!r}")
+    if not value and not allow_empty:
+        raise SourceError(f"{option_key(source, key)} must not be empty")
+    if not all(isinstance(v, str) and v for v in value):
+        raise SourceError(f"{option_key(source, key)} must hold non-empty strings, got {value!r}")
+    if len(set(value)) != len(value):
+        raise SourceError(f"{option_key(source, key)} has repeated entries: {value!r}")
+    return list(value)
+
+
+def check_mapping(value: Any, source: str, key: str) -> dict:
+    if not isinstance(value, dict):
+        raise SourceError(f"{option_key(source, key)} must be a mapping, got {value!r}")
+    return value
+
+
+def check_label_column(value: Any, source: str, key: str) -> str:
+    return check_choice(value, LABEL_COLUMNS, source, key)
+
+
+def check_microscopy(value: Any, source: str, key: str = "microscopy") -> str:
+    return check_choice(str(value).lower(), MICROSCOPY_VALUES, source, key)
+
+
+def check_extensions(value: Any, source: str, key: str = "extensions") -> list[str]:
+    """Lowercase extensions, each starting with a dot."""
+    extensions = check_str_list(value, source, key)
+    return [e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions]
+
+
+def check_constants(constants: Any, source: str, key: str = "constants") -> dict[str, Any]:
+    """Fixed metadata ``{column: value}``; only canonical columns an adapter does not derive."""
+    constants = check_mapping(constants, source, key)
+    for column in constants:
+        if column not in SETTABLE_COLUMNS:
+            raise SourceError(
+                f"{option_key(source, f'{key}.{column}')}: not a settable canonical column; "
+                f"choose from {', '.join(SETTABLE_COLUMNS)}"
+            )
+    if "microscopy" in constants:
+        check_microscopy(constants["microscopy"], source, f"{key}.microscopy")
+    return constants
+
+
+def apply_constants(frame: pd.DataFrame, constants: dict[str, Any]) -> pd.DataFrame:
+    """Set every column named in ``constants`` to its value (overriding adapter defaults)."""
+    for column, value in constants.items():
+        frame[column] = value
+    return frame
+
+
+def targeted(genes: pd.Series) -> pd.Series:
+    """Gene values with CytoImageNet's " targeted" suffix (added once, empty values stay empty)."""
+    genes = genes.astype("string").fillna("").str.strip()
+    needs = (genes != "") & ~genes.str.lower().str.endswith(" targeted")
+    return genes.where(~needs, genes + " targeted").astype(object)
+
+
+def read_csv_table(path: Path, required: list[str] | tuple[str, ...] = (), sep: str = ",") -> pd.DataFrame:
+    """A metadata table as text ("" for empty cells); a missing required column names the file."""
+    try:
+        table = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise SourceError(f"{path}: cannot read the table: {exc}") from None
+    for column in required:
+        if column not in table:
+            raise SourceError(f"{path}: missing column {column!r}")
+    return table
+
+
+def parse_numbers(values: pd.Series, path: Path, column: str) -> pd.Series:
+    """Numbers of a text column ("" becomes NaN); anything else names the file and column."""
+    text = values.astype("string").str.strip()
+    numbers = pd.to_numeric(text.replace("", np.nan), errors="coerce").astype("float64")
+    bad = numbers.isna() & text.notna() & (text != "")
+    if bad.any():
+        raise SourceError(f"{path}: column {column!r} holds a non-number: {values[bad].iloc[0]!r}")
+    return numbers

@@ -1,0 +1,585 @@
+"""Pretext methods: what a Backbone is trained on. Each is an nn.Module wrapping the backbone.
+
+Interface used by the training loop (``cytopretrain.learning.train``)::
+
+    method = build_method(name, backbone, n_classes=..., **options)
+    optimizer = Optimizer(method.trainable_parameters(), ...)
+    loss, metrics = method.loss(images, labels, generator)   # images (B, C, H, W) in [0, 1]
+    loss.backward(); optimizer.step()
+    method.after_optimizer_step(step, total_steps)            # step = optimizer steps done, 1..total
+
+- ``backbone`` is the artifact (save it with ``models.save_backbone``);
+- ``loss`` applies the method's own augmentations with ``generator`` (its only source of
+  augmentation randomness); model-internal randomness (dropout, EfficientNet's stochastic
+  depth) uses torch's global RNG, which the loop saves with its checkpoints for exact resume;
+- ``trainable_parameters()`` excludes BYOL's target network (``requires_grad=False``, moved
+  only by the EMA in ``after_optimizer_step``); it is still part of ``state_dict()`` so
+  checkpoints resume it;
+- ``needs_labels``: only ``weak_label`` reads ``labels`` ((B,) integer class indices);
+- batches need at least 2 images (BatchNorm in training mode);
+- losses are computed in float32, also under bf16 autocast; augmented views keep the
+  channels_last layout of the input batch.
+
+Methods (seed documents in ``../shared/seeds``):
+
+- ``weak_label`` (CytoImageNet, seed 002): linear classifier on the pooled features,
+  cross-entropy on weak labels; random 0-360 degree rotation and flips.
+- ``byol`` (seed 003): online backbone + projector + predictor, EMA target backbone +
+  projector, symmetric normalized-MSE between predictions and target projections of two views.
+- ``patch_location`` (seed 000): Siamese encoder on a centre patch and one of its 4
+  neighbours, classifier over the neighbour's position.
+- ``autoencoder`` (seed 004): backbone encoder -> linear latent (150) -> transposed-conv
+  decoder, reconstruction loss.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import math
+from dataclasses import dataclass
+from typing import ClassVar, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cytopretrain.learning import augment
+from cytopretrain.learning.models import Backbone
+
+LossResult = tuple[Tensor, dict[str, float]]  # scalar loss, metrics
+
+
+def _check_images(images: Tensor, backbone: Backbone) -> None:
+    if images.ndim != 4 or not images.is_floating_point():
+        raise ValueError(f"images must be a float (B, C, H, W) tensor, got {images.dtype} {tuple(images.shape)}")
+    if images.shape[0] < 2:
+        raise ValueError(f"a training batch needs at least 2 images (BatchNorm), got {images.shape[0]}")
+    if images.shape[1] != backbone.in_channels:
+        raise ValueError(f"images have {images.shape[1]} channels, the backbone expects {backbone.in_channels}")
+
+
+def _like(view: Tensor, images: Tensor) -> Tensor:
+    """``view`` in the memory format of ``images`` (channels_last on GPU runs)."""
+    if images.is_contiguous(memory_format=torch.channels_last) and not images.is_contiguous():
+        return view.contiguous(memory_format=torch.channels_last)
+    return view
+
+
+def _pair(name: str, value: Sequence[float]) -> tuple[float, float]:
+    values = tuple(float(v) for v in value)
+    if len(values) != 2:
+        raise ValueError(f"option {name} must be a pair of numbers, got {value!r}")
+    return values
+
+
+# weak_label's photometric chain with ``photometric: true``: intensity jitter and blur
+# probabilities, largest noise std (images in [0, 1]).
+PHOTOMETRIC_DEFAULTS = {"intensity": 0.8, "blur": 0.5, "noise": 0.03}
+
+
+def _photometric_parts(value: bool | dict) -> dict[str, float]:
+    """``photometric`` as {part: strength}: false -> all 0, true -> the defaults, a mapping -> the
+    defaults with its entries replaced."""
+    if isinstance(value, bool):
+        return {part: default if value else 0.0 for part, default in PHOTOMETRIC_DEFAULTS.items()}
+    if not isinstance(value, dict):
+        raise ValueError(f"option photometric must be true, false or a mapping, got {value!r}")
+    unknown = sorted(set(value) - set(PHOTOMETRIC_DEFAULTS))
+    if unknown:
+        raise ValueError(f"option photometric: unknown part(s) {unknown}; choose from {sorted(PHOTOMETRIC_DEFAULTS)}")
+    parts = {**PHOTOMETRIC_DEFAULTS, **value}
+    for part, strength in parts.items():
+        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 <= strength <= 1.0:
+            raise ValueError(f"option photometric: {part} must be a number in [0, 1], got {strength!r}")
+    return {part: float(strength) for part, strength in parts.items()}
+
+
+def _positive_int(name: str, value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"option {name} must be a positive integer, got {value!r}")
+    return value
+
+
+def _accuracy(logits: Tensor, targets: Tensor) -> float:
+    return (logits.argmax(dim=1) == targets).float().mean().item()
+
+
+class PretextMethod(nn.Module):
+    """Base class: a backbone plus the heads and loss of one pretext task."""
+
+    name: ClassVar[str]
+    needs_labels: ClassVar[bool] = False
+
+    def __init__(self, backbone: Backbone) -> None:
+        super().__init__()
+        self.backbone = backbone
+
+    def loss(self, images: Tensor, labels: Tensor | None, generator: torch.Generator) -> LossResult:
+        """Scalar training loss of a batch and its metrics (floats, always including "loss")."""
+        raise NotImplementedError
+
+    def after_optimizer_step(self, step: int, total_steps: int) -> None:
+        """Hook called after each optimizer step; a no-op except for BYOL."""
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The parameters the optimizer updates (all with requires_grad)."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+
+class WeakLabel(PretextMethod):
+    """CytoImageNet: classify the weak label from pooled features with one linear layer.
+
+    CytoImageNet's published code puts a plain dense softmax layer (no dropout) on max-pooled
+    EfficientNetB0 features; here the head reads the global-average-pooled features that are
+    later extracted for evaluation. Its README describes random 0-360 degree rotations. Flips (``flip``) are added
+    because rotations alone never mirror a cell. ``photometric`` (off by default, as in CytoImageNet)
+    adds, after the geometric draws, per-channel intensity jitter (brightness and contrast 0.4, gamma
+    0.7-1.4, p 0.8), Gaussian blur (sigma 0.1-1.5 px, p 0.5) and Gaussian noise (std 0-0.03): with few
+    training images these teach invariance to optics and expression level, which transfer to
+    benchmarks imaged under other conditions needs. ``photometric`` may also be a mapping that
+    overrides some of these: ``intensity`` and ``blur`` (probabilities) and ``noise`` (largest
+    std), e.g. ``{intensity: 0.2}``; 0 turns a part off. Metrics: loss, accuracy.
+    """
+
+    name = "weak_label"
+    needs_labels = True
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        n_classes: int | None,
+        *,
+        rotate: bool = True,
+        flip: bool = True,
+        fill: str = "zeros",
+        photometric: bool | dict = False,
+    ) -> None:
+        super().__init__(backbone)
+        if isinstance(n_classes, bool) or not isinstance(n_classes, int) or n_classes < 2:
+            raise ValueError(f"weak_label needs n_classes >= 2 (the number of weak labels), got {n_classes!r}")
+        if fill not in augment.FILL_MODES:
+            raise ValueError(f"option fill must be one of {augment.FILL_MODES}, got {fill!r}")
+        self.n_classes = n_classes
+        self.rotate = bool(rotate)
+        self.flip = bool(flip)
+        self.fill = fill
+        self.photometric = _photometric_parts(photometric)
+        self.head = nn.Linear(backbone.feature_dim, n_classes)
+
+    def augment_batch(self, images: Tensor, generator: torch.Generator) -> Tensor:
+        if self.rotate:
+            images = augment.random_rotation(images, generator=generator, fill=self.fill)
+        if self.flip:
+            images = augment.random_flips(images, generator=generator)
+        parts = self.photometric
+        if parts["intensity"] > 0:
+            images = augment.random_intensity(images, generator, brightness=0.4, contrast=0.4, p=parts["intensity"])
+        if parts["blur"] > 0:
+            images = augment.gaussian_blur(images, generator, sigma=(0.1, 1.5), p=parts["blur"])
+        if parts["noise"] > 0:
+            images = augment.gaussian_noise(images, generator, std=(0.0, parts["noise"]))
+        return images
+
+    def forward(self, images: Tensor) -> Tensor:
+        """(B, C, H, W) -> (B, n_classes) logits."""
+        return self.head(self.backbone(images))
+
+    def loss(self, images: Tensor, labels: Tensor | None, generator: torch.Generator) -> LossResult:
+        _check_images(images, self.backbone)
+        targets = self._check_labels(labels, images)
+        logits = self(_like(self.augment_batch(images, generator), images)).float()
+        loss = F.cross_entropy(logits, targets)
+        return loss, {"loss": loss.item(), "accuracy": _accuracy(logits, targets)}
+
+    def _check_labels(self, labels: Tensor | None, images: Tensor) -> Tensor:
+        if labels is None:
+            raise ValueError("weak_label needs labels (class indices) for every batch")
+        if labels.shape != (images.shape[0],) or labels.is_floating_point() or labels.is_complex():
+            raise ValueError(f"labels must be ({images.shape[0]},) integers, got {labels.dtype} {tuple(labels.shape)}")
+        low, high = int(labels.min()), int(labels.max())
+        if low < 0 or high >= self.n_classes:
+            raise ValueError(f"labels must lie in [0, {self.n_classes}), got values from {low} to {high}")
+        return labels.to(device=images.device, dtype=torch.long)
+
+
+def _mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
+    """BYOL's projector / predictor: Linear, BatchNorm, ReLU, Linear."""
+    return nn.Sequential(
+        nn.Linear(in_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim)
+    )
+
+
+def normalized_mse(prediction: Tensor, target: Tensor) -> Tensor:
+    """Per-sample 2 - 2 cos(prediction, target), the BYOL seed's equation (1): (B, D) x 2 -> (B,)."""
+    return 2 - 2 * (F.normalize(prediction.float(), dim=-1) * F.normalize(target.float(), dim=-1)).sum(dim=-1)
+
+
+class BYOL(PretextMethod):
+    """Bootstrap Your Own Latent (seed 003).
+
+    Online: backbone -> projector -> predictor; target: EMA copy of backbone + projector,
+    no gradient. Projector and predictor: Linear(., 2048) - BatchNorm - ReLU - Linear(2048, 512)
+    (the seed's projection size 512, hidden 2048). Loss: normalized_mse(p1, z2) +
+    normalized_mse(p2, z1), averaged over the batch, for predictions p and target projections z
+    of two views of each image (both views go through each network in one batch).
+
+    EMA: after each optimizer step target = tau * target + (1 - tau) * online, parameter by
+    parameter. The seed states a fixed rate 0.99 and no schedule, hence the default
+    ``ema_schedule="constant"``; "cosine" is the BYOL paper's tau = 1 - (1 - ema_base)
+    (cos(pi step / total_steps) + 1) / 2, rising to 1 at the end. Target BatchNorm running
+    statistics are not averaged: the target runs in training mode (batch statistics), as
+    BYOL does, and its running statistics follow its own forward passes.
+
+    Views (seed: ColorJitter, RandomGrayscale, horizontal flip, Gaussian blur, solarization,
+    RandomResizedCrop; see augment.py for the fluorescence versions): random resized crop back
+    to the input size (``crop_scale``), flips, any-angle rotation (``rotate``), per-channel
+    intensity jitter with probability 0.8 (``intensity`` = brightness and contrast strength),
+    Gaussian blur with BYOL's probabilities 1.0 and 0.1 for the two views (``blur_sigma`` in
+    pixels), Gaussian noise (``noise_std`` range). Metrics: loss, cosine (mean cosine
+    similarity between predictions and target projections), ema_tau (rate of the last update).
+    """
+
+    name = "byol"
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        *,
+        projection_dim: int = 512,
+        hidden_dim: int = 2048,
+        ema_base: float = 0.99,
+        ema_schedule: str = "constant",
+        crop_scale: Sequence[float] = (0.2, 1.0),
+        rotate: bool = True,
+        intensity: float = 0.4,
+        blur_sigma: Sequence[float] = (0.1, 2.0),
+        noise_std: Sequence[float] = (0.0, 0.03),
+    ) -> None:
+        super().__init__(backbone)
+        if not 0.0 <= ema_base < 1.0:
+            raise ValueError(f"option ema_base must be in [0, 1), got {ema_base!r}")
+        if ema_schedule not in ("constant", "cosine"):
+            raise ValueError(f"option ema_schedule must be 'constant' or 'cosine', got {ema_schedule!r}")
+        self.ema_base = float(ema_base)
+        self.ema_schedule = ema_schedule
+        self.crop_scale = _pair("crop_scale", crop_scale)
+        self.rotate = bool(rotate)
+        self.intensity = float(intensity)
+        self.blur_sigma = _pair("blur_sigma", blur_sigma)
+        self.noise_std = _pair("noise_std", noise_std)
+        self._check_view_options()
+        projection_dim = _positive_int("projection_dim", projection_dim)
+        hidden_dim = _positive_int("hidden_dim", hidden_dim)
+        self.projector = _mlp(backbone.feature_dim, hidden_dim, projection_dim)
+        self.predictor = _mlp(projection_dim, hidden_dim, projection_dim)
+        self.target_backbone = copy.deepcopy(backbone).requires_grad_(False)
+        self.target_projector = copy.deepcopy(self.projector).requires_grad_(False)
+        self.ema_tau = self.ema_base
+
+    def _check_view_options(self) -> None:
+        """Fail at construction, not at the first batch, on bad augmentation options."""
+        probe = torch.full((2, 1, 8, 8), 0.5)
+        generator = torch.Generator().manual_seed(0)
+        try:
+            augment.random_resized_crop(probe, 8, self.crop_scale, generator=generator)
+            augment.random_intensity(probe, generator, brightness=self.intensity, contrast=self.intensity)
+            augment.gaussian_blur(probe, generator, sigma=self.blur_sigma)
+            augment.gaussian_noise(probe, generator, std=self.noise_std)
+        except ValueError as error:
+            raise ValueError(f"byol view options (crop_scale, intensity, blur_sigma, noise_std): {error}") from error
+
+    def view(self, images: Tensor, generator: torch.Generator, blur_p: float) -> Tensor:
+        """One randomly augmented view of the batch, same shape as ``images``."""
+        x = augment.random_resized_crop(images, tuple(images.shape[2:]), self.crop_scale, generator=generator)
+        x = augment.random_flips(x, generator)
+        if self.rotate:
+            x = augment.random_rotation(x, generator)
+        x = augment.random_intensity(x, generator, brightness=self.intensity, contrast=self.intensity)
+        x = augment.gaussian_blur(x, generator, sigma=self.blur_sigma, p=blur_p)
+        return augment.gaussian_noise(x, generator, std=self.noise_std)
+
+    def loss(self, images: Tensor, labels: Tensor | None, generator: torch.Generator) -> LossResult:
+        _check_images(images, self.backbone)
+        batch = images.shape[0]
+        views = torch.cat([self.view(images, generator, 1.0), self.view(images, generator, 0.1)])
+        views = _like(views, images)
+        predictions = self.predictor(self.projector(self.backbone(views)))
+        with torch.no_grad():
+            targets = self.target_projector(self.target_backbone(views))
+        # View 1's prediction regresses view 2's target projection and vice versa.
+        swapped = torch.cat([targets[batch:], targets[:batch]])
+        per_pair = normalized_mse(predictions, swapped)
+        loss = per_pair[:batch].mean() + per_pair[batch:].mean()
+        cosine = 1 - per_pair.detach().mean().item() / 2
+        return loss, {"loss": loss.item(), "cosine": cosine, "ema_tau": self.ema_tau}
+
+    def tau(self, step: int, total_steps: int) -> float:
+        """EMA rate after optimizer step ``step`` of ``total_steps``."""
+        if total_steps < 1 or not 0 <= step <= total_steps:
+            raise ValueError(f"need 0 <= step <= total_steps and total_steps >= 1, got {step} of {total_steps}")
+        if self.ema_schedule == "constant":
+            return self.ema_base
+        return 1 - (1 - self.ema_base) * (math.cos(math.pi * step / total_steps) + 1) / 2
+
+    @torch.no_grad()
+    def after_optimizer_step(self, step: int, total_steps: int) -> None:
+        self.ema_tau = self.tau(step, total_steps)
+        pairs = ((self.target_backbone, self.backbone), (self.target_projector, self.projector))
+        for target_net, online_net in pairs:
+            for target, online in zip(target_net.parameters(), online_net.parameters(), strict=True):
+                target.mul_(self.ema_tau).add_(online.detach(), alpha=1 - self.ema_tau)
+
+
+# Neighbour positions relative to the centre patch: class index -> (rows, columns) in cells.
+POSITIONS = ("up", "down", "left", "right")
+_OFFSETS = ((-1, 0), (1, 0), (0, -1), (0, 1))
+
+
+@dataclass(frozen=True)
+class PatchGeometry:
+    """Where the patches of an image lie (pixels).
+
+    The image's central square of 3 x 3 cells of side ``cell`` is the seed's grid (its 400 px
+    image sliced into 133 px cells); each patch is its cell minus ``trim`` on every side (the
+    seed's 15 px edge crop), so neighbouring patches are ``gap = 2 trim`` apart and cannot be
+    matched by continuity across a shared border. Patches move by up to ``jitter`` px per axis
+    (at most ``trim``, so they stay inside their cells).
+    """
+
+    cell: int
+    trim: int
+    patch: int
+    jitter: int
+    top: int  # row of the centre patch's top-left corner before jitter
+    left: int
+
+    @property
+    def gap(self) -> int:
+        return 2 * self.trim
+
+
+def patch_geometry(
+    height: int,
+    width: int,
+    *,
+    cell_fraction: float = 1 / 3,
+    edge_trim: float = 15 / 133,
+    jitter: float = 0.0,
+    min_patch: int = 1,
+) -> PatchGeometry:
+    """Patch layout for an H x W image: cell = floor(min(H, W) cell_fraction), trim =
+    round(cell edge_trim), patch = cell - 2 trim, jitter = floor(cell jitter). The defaults are
+    the seed's (cells a third of the image, 15 of 133 px trimmed, no jitter). Raises ValueError
+    when the patch is below ``min_patch`` px or the jitter exceeds the trim.
+    """
+    if not 0.0 < cell_fraction <= 1 / 3:
+        raise ValueError(f"option cell_fraction must be in (0, 1/3] (3 cells per side), got {cell_fraction!r}")
+    if not 0.0 <= edge_trim < 0.5:
+        raise ValueError(f"option edge_trim must be in [0, 0.5), got {edge_trim!r}")
+    if jitter < 0.0:
+        raise ValueError(f"option jitter must be >= 0, got {jitter!r}")
+    cell = math.floor(min(height, width) * cell_fraction)
+    trim = round(cell * edge_trim)
+    patch = cell - 2 * trim
+    jitter_px = math.floor(cell * jitter)
+    if patch < max(min_patch, 1):
+        raise ValueError(
+            f"patch_location: {height}x{width} images give {patch} px patches (cell {cell} px, trim {trim} px), "
+            f"below the minimum of {min_patch} px; use larger images or a larger cell_fraction / smaller edge_trim"
+        )
+    if jitter_px > trim:
+        raise ValueError(
+            f"patch_location: jitter {jitter_px} px exceeds the edge trim {trim} px "
+            f"(patches would leave their cells); lower jitter or raise edge_trim"
+        )
+    top = (height - 3 * cell) // 2 + cell + trim
+    left = (width - 3 * cell) // 2 + cell + trim
+    return PatchGeometry(cell, trim, patch, jitter_px, top, left)
+
+
+class PatchLocation(PretextMethod):
+    """Relative patch location (Doersch et al. 2015, seed 000), 4 neighbours.
+
+    For each image a centre patch and one of its up/down/left/right neighbours (uniformly at
+    random) are cut out (see PatchGeometry; the options ``cell_fraction``, ``edge_trim`` and
+    ``jitter`` are fractions of the image side / cell side, since images here are 64-128 px,
+    not the seed's 400 px). The backbone encodes both (shared weights), the two pooled
+    embeddings are concatenated [centre, neighbour] and a classifier predicts the position
+    (class index into POSITIONS). Classifier as the seed's dense top: Linear(2D, hidden) -
+    BatchNorm - ReLU - Dropout - Linear(hidden, hidden) - BatchNorm - ReLU - Linear(hidden, 4),
+    hidden 16 (the seed lists no activations or dropout rate; ReLU and ``dropout=0`` here).
+    Patches must be at least the backbone's ``min_input_size``. Metrics: loss, accuracy.
+    """
+
+    name = "patch_location"
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        *,
+        cell_fraction: float = 1 / 3,
+        edge_trim: float = 15 / 133,
+        jitter: float = 0.0,
+        hidden: int = 16,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__(backbone)
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"option dropout must be in [0, 1), got {dropout!r}")
+        hidden = _positive_int("hidden", hidden)
+        self.geometry_options = {"cell_fraction": cell_fraction, "edge_trim": edge_trim, "jitter": jitter}
+        patch_geometry(1024, 1024, **self.geometry_options)  # validates the options now
+        dim = backbone.feature_dim
+        self.classifier = nn.Sequential(
+            nn.Linear(2 * dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True), nn.Dropout(dropout),
+            nn.Linear(hidden, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+            nn.Linear(hidden, len(POSITIONS)),
+        )
+
+    def geometry(self, height: int, width: int) -> PatchGeometry:
+        return patch_geometry(height, width, **self.geometry_options, min_patch=self.backbone.min_input_size)
+
+    def sample_pairs(self, images: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+        """(centre, neighbour, position): two (B, C, P, P) patch batches and (B,) class indices."""
+        batch, _, height, width = images.shape
+        geometry = self.geometry(height, width)
+        device = images.device
+        position = augment.draw(
+            lambda size: torch.randint(len(POSITIONS), size, generator=generator, device=generator.device),
+            (batch,), 0, device,
+        )
+        offsets = torch.tensor(_OFFSETS, device=device)[position] * geometry.cell  # (B, 2)
+        shifts = augment.draw(
+            lambda size: torch.randint(
+                -geometry.jitter, geometry.jitter + 1, size, generator=generator, device=generator.device
+            ),
+            (2, batch, 2), 1, device,
+        )
+        corner = torch.tensor([geometry.top, geometry.left], device=device)
+        centre = _cut_patches(images, corner + shifts[0], geometry.patch)
+        neighbour = _cut_patches(images, corner + offsets + shifts[1], geometry.patch)
+        return centre, neighbour, position
+
+    def forward(self, centre: Tensor, neighbour: Tensor) -> Tensor:
+        """Two (B, C, P, P) patch batches -> (B, 4) position logits."""
+        batch = centre.shape[0]
+        features = self.backbone(torch.cat([centre, neighbour]))  # one pass through the shared encoder
+        return self.classifier(torch.cat([features[:batch], features[batch:]], dim=1))
+
+    def loss(self, images: Tensor, labels: Tensor | None, generator: torch.Generator) -> LossResult:
+        _check_images(images, self.backbone)
+        centre, neighbour, position = self.sample_pairs(images, generator)
+        logits = self(_like(centre, images), _like(neighbour, images)).float()
+        loss = F.cross_entropy(logits, position)
+        return loss, {"loss": loss.item(), "accuracy": _accuracy(logits, position)}
+
+
+def _cut_patches(images: Tensor, corners: Tensor, size: int) -> Tensor:
+    """(B, C, H, W) and (B, 2) top-left (row, col) corners -> (B, C, size, size) crops."""
+    steps = torch.arange(size, device=images.device)
+    rows = (corners[:, 0, None] + steps)[:, :, None]  # (B, size, 1)
+    cols = (corners[:, 1, None] + steps)[:, None, :]  # (B, 1, size)
+    batch_index = torch.arange(images.shape[0], device=images.device)[:, None, None]
+    return images[batch_index, :, rows, cols].permute(0, 3, 1, 2).contiguous()  # indexing puts C last
+
+
+class Autoencoder(PretextMethod):
+    """Convolutional autoencoder (seed 004) with the backbone as encoder.
+
+    Encoder: backbone -> pooled features -> Linear(D, latent_dim) (the latent, 150 in the seed;
+    linear here where the seed's last dense layer had a ReLU, so no latent unit can die).
+    Decoder, as the seed's: Linear(latent, 256) - Linear(256, 32 g_h g_w) - ReLU - reshape to
+    (32, g_h, g_w) with g = ceil(image_size / 8), then three times nearest 2x upsampling +
+    3x3 transposed convolution (32, 64, 128 channels; BatchNorm + ReLU, ReLU on the last) and a
+    1x1 convolution to C channels with a sigmoid. The decoder is sized for ``image_size`` (the
+    training size; the seed's 128 by default); its output is resized bilinearly to the input
+    size when that differs. Loss ``loss="mse"`` (mean squared error) or "bce" (binary
+    cross-entropy, the seed's choice). No augmentation: ``generator`` is unused.
+    Metrics: loss, mse.
+    """
+
+    name = "autoencoder"
+
+    def __init__(
+        self, backbone: Backbone, *, latent_dim: int = 150, image_size: int | Sequence[int] = 128, loss: str = "mse"
+    ) -> None:
+        super().__init__(backbone)
+        latent_dim = _positive_int("latent_dim", latent_dim)
+        sizes = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+        if len(sizes) != 2 or not all(isinstance(s, int) and s >= 8 for s in sizes):
+            raise ValueError(f"option image_size must be an integer or (height, width) pair >= 8, got {image_size!r}")
+        if loss not in ("mse", "bce"):
+            raise ValueError(f"option loss must be 'mse' or 'bce', got {loss!r}")
+        self.image_size = sizes
+        self.loss_kind = loss
+        self.latent_dim = latent_dim
+        self.grid = tuple(math.ceil(s / 8) for s in sizes)
+        self.to_latent = nn.Linear(backbone.feature_dim, latent_dim)
+        self.expand = nn.Sequential(
+            nn.Linear(latent_dim, 256), nn.Linear(256, 32 * self.grid[0] * self.grid[1]), nn.ReLU(inplace=True)
+        )
+        self.decoder = nn.Sequential(
+            nn.Upsample(scale_factor=2), nn.ConvTranspose2d(32, 32, 3, padding=1, bias=False),
+            nn.BatchNorm2d(32), nn.ReLU(inplace=True),
+            nn.Upsample(scale_factor=2), nn.ConvTranspose2d(32, 64, 3, padding=1, bias=False),
+            nn.BatchNorm2d(64), nn.ReLU(inplace=True),
+            nn.Upsample(scale_factor=2), nn.ConvTranspose2d(64, 128, 3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(128, backbone.in_channels, 1),
+        )
+
+    def encode_latent(self, images: Tensor) -> Tensor:
+        """(B, C, H, W) -> (B, latent_dim) latent codes."""
+        return self.to_latent(self.backbone(images))
+
+    def decode_logits(self, latent: Tensor, size: tuple[int, int]) -> Tensor:
+        """(B, latent_dim) -> (B, C, H, W) reconstruction logits (before the sigmoid)."""
+        x = self.expand(latent).reshape(latent.shape[0], 32, *self.grid)
+        logits = self.decoder(x)
+        if tuple(logits.shape[2:]) != tuple(size):
+            logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+        return logits
+
+    def forward(self, images: Tensor) -> Tensor:
+        """(B, C, H, W) -> (B, C, H, W) reconstruction in [0, 1]."""
+        return torch.sigmoid(self.decode_logits(self.encode_latent(images), tuple(images.shape[2:])))
+
+    def loss(self, images: Tensor, labels: Tensor | None, generator: torch.Generator) -> LossResult:
+        _check_images(images, self.backbone)
+        logits = self.decode_logits(self.encode_latent(images), tuple(images.shape[2:])).float()
+        target = images.float()
+        mse = F.mse_loss(torch.sigmoid(logits), target)
+        # BCE from logits: stable, and allowed under autocast (plain BCE is not).
+        loss = mse if self.loss_kind == "mse" else F.binary_cross_entropy_with_logits(logits, target)
+        return loss, {"loss": loss.item(), "mse": mse.item()}
+
+
+METHODS: dict[str, type[PretextMethod]] = {
+    cls.name: cls for cls in (WeakLabel, BYOL, PatchLocation, Autoencoder)
+}
+
+
+def method_options(name: str) -> tuple[str, ...]:
+    """The option names ``build_method`` accepts for method ``name``."""
+    if name not in METHODS:
+        raise ValueError(f"unknown pretext method {name!r}; choose one of {', '.join(METHODS)}")
+    parameters = inspect.signature(METHODS[name]).parameters
+    return tuple(p for p in parameters if p not in ("backbone", "n_classes"))
+
+
+def build_method(name: str, backbone: Backbone, *, n_classes: int | None = None, **options) -> PretextMethod:
+    """The pretext method ``name`` around ``backbone``.
+
+    ``n_classes`` (number of weak labels) is required by weak_label and ignored by the other
+    methods, so a loop may pass it always. Unknown options raise ValueError naming them.
+    """
+    allowed = method_options(name)
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(
+            f"unknown option(s) {', '.join(unknown)} for pretext method {name!r}; "
+            f"allowed: {', '.join(allowed) or 'none'}"
+        )
+    if METHODS[name].needs_labels:
+        return METHODS[name](backbone, n_classes, **options)
+    return METHODS[name](backbone, **options)

@@ -1,0 +1,664 @@
+"""Pretraining loop with checkpoints that resume exactly.
+
+``train(settings, shards_dir, out_dir)`` trains ``build_method(settings["method"],
+build_backbone(...))`` on the train split of a shard folder (``cytopretrain.learning.data``) for
+``settings["steps"]`` optimizer steps and writes into ``out_dir``::
+
+    checkpoints/step-NNNNNNN.pt   the last two checkpoints (see below)
+    metrics.jsonl                 one JSON object per logged step
+    backbone.pt                   backbone state dict (torch.load(..., weights_only=True))
+    method.pt                     whole method state dict (heads, BYOL target, ...)
+    model_card.json               what was trained on what, with which settings and result
+
+Settings: ``learning.settings`` (DEFAULTS, with a comment per key; ``method`` and ``backbone``
+are required). The autoencoder's ``image_size`` option defaults to the training image_size;
+validation also runs at the last step, and only if a validation split exists.
+
+Devices and precision follow ``core.devices`` (one rule for training and extraction): auto is
+bf16 autocast on a GPU that supports it, float16 with a GradScaler on an older GPU, fp32 on the
+CPU; bf16 on a GPU without it is an error. Under autocast, and always on CUDA, the model and
+batches use the channels_last layout.
+
+Validation (every ``validate_every`` steps and at the end, if the shards have a validation
+split): the method's loss and metrics in eval mode over every validation sample, with the
+crops of epoch 0 and a freshly seeded augmentation generator each time, so values are
+comparable between steps; logged as ``val_<metric>``. It saves and restores every random
+state, so validating (or not) never changes the training run.
+
+Checkpoints hold the whole method state dict, optimizer, scheduler (and GradScaler), step,
+epoch, batches done in the epoch, the random states of every rank (torch CPU and CUDA,
+numpy, python, the augmentation generator), the metric sums of the current log interval and
+a hash of the settings that shape the run (all but log_every, checkpoint_every,
+validate_every, progress and num_workers). They are written atomically and only the newest
+two are kept; all load with ``weights_only=True``.
+
+Resume (``resume=True``): the newest checkpoint that loads is used; unreadable ones are
+renamed ``*.corrupt`` with a warning. Settings whose hash differs from the checkpoint's, a
+different shard index or a different number of ranks raise ValueError. metrics.jsonl loses
+the records after the checkpoint's step and is then appended. ``resume=False`` deletes the
+checkpoints and metrics of an earlier run in ``out_dir``.
+
+Determinism: data order, crops and augmentations are functions of the seed and the step, not
+of ``num_workers`` or of interruptions. On the CPU a rerun, and a run stopped at any point
+(killed or by ``max_steps_this_run``) and resumed, end with bitwise identical weights on the
+same machine and thread count. On CUDA the same holds up to non-deterministic kernels, unless
+``deterministic`` is set, which calls ``torch.use_deterministic_algorithms(True)``.
+
+Distributed data parallel: under torchrun (``WORLD_SIZE`` > 1 in the environment, or
+``distributed=True``; ``cytopretrain.learning.distributed.launch`` starts it) the loop joins the
+process group (NCCL on CUDA, gloo on the CPU) and wraps the method in
+DistributedDataParallel; only rank 0 writes files. It is built so that R ranks of
+``batch_size`` B compute what one process of batch R x B computes:
+
+- data: every rank follows the one-process stream of global batches of R x B and decodes
+  only its part (``cytopretrain.learning.data``, "Parts");
+- augmentations: the ranks share one augmentation generator and draw for the global batch,
+  each keeping its slice (``cytopretrain.learning.augment.batch_part``);
+- batch norm: statistics over the global batch (``cytopretrain.learning.distributed``);
+- gradients: each rank's loss is the mean over its part and DDP averages the gradients,
+  which is the gradient of the mean over the global batch.
+
+So the logged loss and the final weights equal those of the one-process run up to float
+rounding (tested with 2 gloo processes). Two things stay per rank: validation, where each
+rank takes its own validation shards (means summed over ranks, so every sample counts
+once), and torch's global random stream, which only stochastic depth and dropout use
+(EfficientNet and DenseNet backbones); with those layers runs agree in distribution, not
+number for number.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm import tqdm
+
+from cytopretrain.core.devices import autocast_dtype, resolve_device
+from cytopretrain.core.tables import atomic_path, file_sha256
+from cytopretrain.curation.shards import load_index, load_labels
+from cytopretrain.learning import augment, data
+from cytopretrain.learning.checkpoints import (
+    CHECKPOINT_FORMAT,
+    capture_rng,
+    check_resumable,
+    checkpoint_path,
+    derive_seed,
+    list_checkpoints,
+    load_newest_checkpoint,
+    read_metrics,
+    restore_rng,
+    seed_everything,
+    truncate_metrics,
+    write_checkpoint,
+)
+from cytopretrain.learning.distributed import convert_batchnorm
+from cytopretrain.learning.models import build_backbone, save_backbone
+from cytopretrain.learning.pretext import PretextMethod, build_method, method_options
+from cytopretrain.learning.settings import check_settings, config_hash, trajectory_hash
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
+    """Learning-rate multiplier of optimizer step ``step`` (0-based): linear warmup, cosine."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+# --------------------------------------------------------------------------- runtime
+
+
+@dataclass
+class Runtime:
+    """Where this process trains: device, precision, and its place among the ranks."""
+
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    amp_dtype: torch.dtype | None = None
+    channels_last: bool = False
+    joined_group: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+
+def make_runtime(device: str, precision: str, deterministic: bool, distributed: bool | None) -> Runtime:
+    if distributed is None:
+        distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    target = resolve_device(device)
+    joined = False
+    rank, world_size = 0, 1
+    if distributed:
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if target.type == "cuda" else "gloo")
+            joined = True
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+    if target.type == "cuda":
+        if distributed:
+            target = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        elif target.index is None:
+            target = torch.device("cuda", torch.cuda.current_device())
+        torch.cuda.set_device(target)
+        _configure_cuda(deterministic)
+    amp_dtype = autocast_dtype(target, precision)
+    channels_last = target.type == "cuda" or amp_dtype is not None
+    return Runtime(target, rank, world_size, amp_dtype, channels_last, joined)
+
+
+def _configure_cuda(deterministic: bool) -> None:
+    torch.backends.cudnn.benchmark = not deterministic
+    if deterministic:
+        # cuBLAS needs this workspace setting for reproducible results.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.deterministic = True
+        torch.use_deterministic_algorithms(True)
+
+
+# --------------------------------------------------------------------------- model
+
+
+class _LossModule(nn.Module):
+    """forward = method.loss, so DistributedDataParallel sees the call and syncs gradients."""
+
+    def __init__(self, method: PretextMethod) -> None:
+        super().__init__()
+        self.method = method
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator):
+        return self.method.loss(images, labels, generator)
+
+
+def build_model(settings: dict, n_classes: int) -> PretextMethod:
+    backbone = build_backbone(
+        settings["backbone"], in_channels=settings["in_channels"], weights=settings["weights"]
+    )
+    options = dict(settings["method_options"])
+    if "image_size" in method_options(settings["method"]):
+        options.setdefault("image_size", settings["image_size"])  # the autoencoder's decoder size
+    return build_method(settings["method"], backbone, n_classes=n_classes, **options)
+
+
+def build_optimizer(method: PretextMethod, settings: dict) -> torch.optim.Optimizer:
+    """Optimizer over the trainable parameters; weight decay on weights of dimension >= 2."""
+    params = method.trainable_parameters()
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": settings["weight_decay"]},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    groups = [g for g in groups if g["params"]]
+    lr = settings["lr"]
+    if settings["optimizer"] == "adam":
+        return torch.optim.Adam(groups, lr=lr)
+    if settings["optimizer"] == "adamw":
+        return torch.optim.AdamW(groups, lr=lr)
+    return torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, settings: dict) -> torch.optim.lr_scheduler.LambdaLR:
+    warmup, total = settings["warmup_steps"], settings["steps"]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, warmup, total))
+
+
+@dataclass
+class Interval:
+    """Metric sums since the last log record (kept in checkpoints so resumed logs match)."""
+
+    sums: dict[str, float] = field(default_factory=dict)
+    steps: int = 0
+
+    def add(self, metrics: dict[str, float]) -> None:
+        for key, value in metrics.items():
+            self.sums[key] = self.sums.get(key, 0.0) + float(value)
+        self.steps += 1
+
+    def means(self, runtime: Runtime) -> dict[str, float]:
+        sums, steps = sum_over_ranks(self.sums, self.steps, runtime)
+        return {key: value / steps for key, value in sums.items()}
+
+
+def sum_over_ranks(sums: dict[str, float], count: int, runtime: Runtime) -> tuple[dict[str, float], int]:
+    """Per-key sums and a count added over all ranks (a rank without data has no keys)."""
+    if runtime.world_size == 1:
+        return dict(sorted(sums.items())), count
+    every: list = [None] * runtime.world_size
+    dist.all_gather_object(every, (sums, count))
+    total: dict[str, float] = {}
+    for rank_sums, _ in every:
+        for key, value in rank_sums.items():
+            total[key] = total.get(key, 0.0) + value
+    return dict(sorted(total.items())), sum(rank_count for _, rank_count in every)
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class Progress:
+    step: int = 0
+    epoch: int = 0
+    position: int = 0  # batches of the current epoch already trained on
+    wall_time: float = 0.0
+
+
+class Trainer:
+    """One training run: model, optimizer, data and the bookkeeping around them."""
+
+    def __init__(self, settings: dict, shards_dir: Path, out_dir: Path, runtime: Runtime) -> None:
+        self.settings = settings
+        self.shards_dir = shards_dir
+        self.out_dir = out_dir
+        self.runtime = runtime
+        self.index_sha256 = file_sha256(shards_dir / "index.tsv")
+        index = load_index(shards_dir)
+        self.n_samples = index.groupby("split")["n_samples"].sum().to_dict()
+        self.n_classes = len(load_labels(shards_dir))
+        self.has_validation = self.n_samples.get("validation", 0) > 0
+        self.global_batch = settings["batch_size"] * runtime.world_size
+        self.epoch_batches = data.epoch_length(shards_dir, "train", self.global_batch)
+        if self.epoch_batches == 0:
+            raise ValueError(
+                f"{shards_dir}: the train split cannot fill one batch of {settings['batch_size']} "
+                f"per rank ({runtime.world_size} rank(s))"
+            )
+
+        torch.manual_seed(settings["seed"])  # same initial weights on every rank
+        self.method = build_model(settings, self.n_classes)
+        if runtime.world_size > 1:
+            self.method = convert_batchnorm(self.method, runtime.device.type)
+        self.method = self.method.to(runtime.device)
+        if runtime.channels_last:
+            self.method = self.method.to(memory_format=torch.channels_last)
+        self.optimizer = build_optimizer(self.method, settings)
+        self.scheduler = build_scheduler(self.optimizer, settings)
+        self.scaler = torch.amp.GradScaler("cuda") if runtime.amp_dtype == torch.float16 else None
+        self.step_module: nn.Module = _LossModule(self.method)
+        if runtime.world_size > 1:
+            ids = [runtime.device.index] if runtime.device.type == "cuda" else None
+            self.step_module = nn.parallel.DistributedDataParallel(self.step_module, device_ids=ids)
+        seed_everything(settings["seed"], runtime.rank)
+        self.generator = torch.Generator(device=runtime.device)
+        # One augmentation stream shared by all ranks: each draws for the global batch.
+        self.generator.manual_seed(derive_seed(settings["seed"], "augment", 0))
+        self.progress = Progress()
+        self.interval = Interval()
+        self.last_record: dict = {}
+
+    # ---------------------------------------------------------------- state
+
+    def state(self) -> dict:
+        rng = capture_rng(self.generator)
+        if self.runtime.world_size > 1:
+            every = [None] * self.runtime.world_size
+            dist.all_gather_object(every, rng)
+            rng_states = every
+        else:
+            rng_states = [rng]
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "step": self.progress.step,
+            "epoch": self.progress.epoch,
+            "position": self.progress.position,
+            "model": self.method.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler else None,
+            "rng": rng_states,
+            "interval": {"sums": dict(self.interval.sums), "steps": self.interval.steps},
+            "settings": self.settings,
+            "settings_hash": trajectory_hash(self.settings),
+            "index_sha256": self.index_sha256,
+            "world_size": self.runtime.world_size,
+            "wall_time": self.progress.wall_time,
+        }
+
+    def load(self, state: dict) -> None:
+        try:
+            check_resumable(state, self.settings, self.index_sha256, self.runtime.world_size)
+        except ValueError as mismatch:
+            raise ValueError(f"{mismatch}; use another out_dir or resume=False") from None
+        self.method.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler and state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+        restore_rng(state["rng"][self.runtime.rank], self.generator)
+        self.interval = Interval(dict(state["interval"]["sums"]), state["interval"]["steps"])
+        self.progress = Progress(state["step"], state["epoch"], state["position"], state["wall_time"])
+
+    def save_checkpoint(self) -> None:
+        state = self.state()  # collective under DDP: every rank takes part
+        if self.runtime.is_main:
+            write_checkpoint(self.out_dir, state)
+
+    # ---------------------------------------------------------------- steps
+
+    def loader(self, split: str, epoch: int, skip: int = 0, batch_size: int | None = None):
+        """Training: this rank's part of the global batches; validation: its own shards."""
+        s, rank, world_size = self.settings, self.runtime.rank, self.runtime.world_size
+        if split == "train":
+            batch_size, placement = self.global_batch, {"part": (rank, world_size)}
+        else:
+            placement = {"rank": rank, "world_size": world_size}
+        return data.make_loader(
+            self.shards_dir,
+            split,
+            batch_size=batch_size or s["batch_size"],
+            image_size=s["image_size"],
+            in_channels=s["in_channels"],
+            seed=s["seed"],
+            epoch=epoch,
+            num_workers=s["num_workers"],
+            skip_batches=skip,
+            **placement,
+        )
+
+    def _inputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        images = batch["image"].to(self.runtime.device, non_blocking=True)
+        if self.runtime.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images, batch["label"].to(self.runtime.device, non_blocking=True)
+
+    def train_step(self, batch: dict) -> dict[str, float]:
+        self.method.train()
+        images, labels = self._inputs(batch)
+        with self.runtime.autocast(), augment.batch_part(self.runtime.rank, self.runtime.world_size):
+            loss, metrics = self.step_module(images, labels, self.generator)
+        if not math.isfinite(metrics["loss"]):
+            raise FloatingPointError(f"non-finite loss {metrics['loss']} at step {self.progress.step + 1}")
+        if self.scaler:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.method.after_optimizer_step(self.progress.step + 1, self.settings["steps"])
+        return metrics
+
+    def validate(self) -> dict[str, float]:
+        """Mean loss and metrics over the validation split, in eval mode; random states are
+        restored afterwards, so validating never changes the training run."""
+        saved = capture_rng(self.generator)
+        generator = torch.Generator(device=self.runtime.device)
+        generator.manual_seed(derive_seed(self.settings["seed"], "validate", self.runtime.rank))
+        sums: dict[str, float] = {}
+        count = 0
+        self.method.eval()
+        stream_size = len(self.loader("validation", 0).dataset)
+        batch_size = _batch_size_without_singletons(stream_size, self.settings["batch_size"])
+        with torch.no_grad():
+            for batch in self.loader("validation", 0, batch_size=batch_size):
+                images, labels = self._inputs(batch)
+                with self.runtime.autocast():
+                    _, metrics = self.method.loss(images, labels, generator)
+                for key, value in metrics.items():
+                    sums[key] = sums.get(key, 0.0) + float(value) * len(images)
+                count += len(images)
+        self.method.train()
+        restore_rng(saved, self.generator)
+        sums, count = sum_over_ranks(sums, count, self.runtime)
+        return {f"val_{key}": value / count for key, value in sums.items()}
+
+    # ---------------------------------------------------------------- run
+
+    def run(self, max_steps: int | None) -> None:
+        total = self.settings["steps"]
+        stop_at = total if max_steps is None else min(total, self.progress.step + max_steps)
+        bar = tqdm(
+            total=total,
+            initial=self.progress.step,
+            file=sys.stderr,
+            disable=not (self.settings["progress"] and self.runtime.is_main and sys.stderr.isatty()),
+            dynamic_ncols=True,
+        )
+        started = interval_start = time.perf_counter()
+        interval_images = 0
+        with bar:
+            while self.progress.step < stop_at:
+                for batch in self.loader("train", self.progress.epoch, self.progress.position):
+                    epoch = self.progress.epoch
+                    self.interval.add(self.train_step(batch))
+                    interval_images += len(batch["label"]) * self.runtime.world_size
+                    self._advance()
+                    bar.update(1)
+                    step = self.progress.step
+                    now = time.perf_counter()
+                    self.progress.wall_time += now - started
+                    started = now
+                    record = {}
+                    logged = step % self.settings["log_every"] == 0 or step == total
+                    if logged:
+                        record.update(self._train_record(interval_images / (now - interval_start)))
+                        bar.set_postfix(loss=f"{record['loss']:.4f}")
+                    if self.has_validation and (step % self.settings["validate_every"] == 0 or step == total):
+                        record.update(self.validate())
+                    if record:
+                        self._log({"step": step, "epoch": epoch, **record})
+                    if step % self.settings["checkpoint_every"] == 0 or step == stop_at:
+                        self.save_checkpoint()
+                    if logged:  # validation and checkpoints do not count against images/s
+                        interval_start, interval_images = time.perf_counter(), 0
+                    if step >= stop_at:
+                        break
+
+    def _advance(self) -> None:
+        self.progress.step += 1
+        self.progress.position += 1
+        if self.progress.position == self.epoch_batches:
+            self.progress.epoch += 1
+            self.progress.position = 0
+
+    def _train_record(self, images_per_s: float) -> dict:
+        """Interval means of the loss and method metrics; the learning rate of the last step."""
+        means = self.interval.means(self.runtime)
+        self.interval = Interval()
+        s = self.settings
+        lr = s["lr"] * lr_factor(self.progress.step - 1, s["warmup_steps"], s["steps"])
+        return {"loss": means.pop("loss"), "lr": lr, "images_per_s": images_per_s, **means}
+
+    def _log(self, record: dict) -> None:
+        self.last_record = {**self.last_record, **record}
+        if self.runtime.is_main:
+            with open(self.out_dir / "metrics.jsonl", "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+
+    # ---------------------------------------------------------------- artifacts
+
+    def write_artifacts(self) -> dict[str, str]:
+        paths = {
+            name: self.out_dir / f"{name}.{suffix}"
+            for name, suffix in (("backbone", "pt"), ("method", "pt"), ("model_card", "json"))
+        }
+        if not self.runtime.is_main:
+            return {k: str(v) for k, v in paths.items()}
+        save_backbone(self.method.backbone, paths["backbone"])
+        state = {k: v.detach().cpu() for k, v in self.method.state_dict().items()}
+        with atomic_path(paths["method"]) as tmp:
+            torch.save(state, tmp)
+        with atomic_path(paths["model_card"]) as tmp:
+            tmp.write_text(json.dumps(self.model_card(), indent=2) + "\n")
+        return {k: str(v) for k, v in paths.items()}
+
+    def model_card(self) -> dict:
+        s = self.settings
+        return {
+            "backbone": s["backbone"],
+            "method": s["method"],
+            "in_channels": s["in_channels"],
+            "image_size": s["image_size"],
+            "feature_dim": self.method.backbone.feature_dim,
+            "data": {
+                "shards_dir": str(self.shards_dir.resolve()),
+                "index_sha256": self.index_sha256,
+                "n_train": int(self.n_samples.get("train", 0)),
+                "n_validation": int(self.n_samples.get("validation", 0)),
+                "n_classes": self.n_classes,
+            },
+            "settings": s,
+            "config_hash": config_hash(s),
+            "final_metrics": self.final_metrics(),
+            "steps": self.progress.step,
+            "epochs": self.progress.step / self.epoch_batches,
+            "wall_time_s": round(self.progress.wall_time, 3),
+            "device": self.runtime.device.type,
+            "precision": str(self.runtime.amp_dtype or torch.float32).removeprefix("torch."),
+            "world_size": self.runtime.world_size,
+            "torch_version": torch.__version__,
+        }
+
+    def final_metrics(self) -> dict:
+        """The last record of metrics.jsonl (written at the final step), minus bookkeeping."""
+        path = self.out_dir / "metrics.jsonl"
+        records = read_metrics(path) if path.exists() else []
+        last = next((r for r in reversed(records) if r["step"] == self.progress.step), {})
+        return {k: v for k, v in last.items() if k not in ("step", "epoch", "images_per_s")}
+
+
+def _batch_size_without_singletons(n: int, batch_size: int) -> int:
+    """A batch size near ``batch_size`` whose last batch does not hold a single image
+    (BatchNorm-based methods refuse batches of one)."""
+    size = batch_size
+    while n % size == 1 and size < n:
+        size += 1
+    return size
+
+
+def _prepare_out_dir(out_dir: Path, resume: bool) -> None:
+    (out_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    for folder in (out_dir, out_dir / "checkpoints"):
+        for leftover in folder.glob(".*.part"):  # temporary files of a killed write
+            leftover.unlink()
+    if not resume:
+        for _, path in list_checkpoints(out_dir):
+            path.unlink()
+        (out_dir / "metrics.jsonl").unlink(missing_ok=True)
+
+
+def discard_stale_checkpoints(out_dir: str | os.PathLike, settings: dict, shards_dir: str | os.PathLike,
+                              *, world_size: int = 1) -> str | None:
+    """Delete ``out_dir``'s checkpoints and metrics if its newest checkpoint cannot be resumed.
+
+    For the workflow: a changed run config or a rebuilt shard set reruns ``train_pretext``,
+    which must then start over instead of failing (``train(resume=True)`` refuses a
+    checkpoint of other settings, shards or rank count). Returns why the checkpoints were
+    discarded, or None when there were none or they fit.
+    """
+    out_dir = Path(out_dir)
+    state = load_newest_checkpoint(out_dir)
+    if state is None:
+        return None
+    try:
+        check_resumable(state, check_settings(settings), file_sha256(Path(shards_dir) / "index.tsv"), world_size)
+    except ValueError as mismatch:
+        _prepare_out_dir(out_dir, resume=False)
+        return str(mismatch)
+    return None
+
+
+def train(
+    settings: dict,
+    shards_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    device: str = "auto",
+    resume: bool = True,
+    max_steps_this_run: int | None = None,
+    distributed: bool | None = None,
+) -> dict:
+    """Train (or resume training) a pretext method on the shards; see the module docstring.
+
+    Returns ``{"finished", "step", "epoch", "metrics"}`` plus, once all steps are done, the
+    artifact paths ``backbone``, ``method`` and ``model_card``. ``max_steps_this_run`` stops
+    after that many steps (with a checkpoint), e.g. to fit a cluster time limit.
+    """
+    settings = check_settings(settings)
+    if max_steps_this_run is not None and max_steps_this_run < 1:
+        raise ValueError(f"max_steps_this_run must be >= 1, got {max_steps_this_run}")
+    shards_dir, out_dir = Path(shards_dir), Path(out_dir)
+    runtime = make_runtime(device, settings["precision"], settings["deterministic"], distributed)
+    try:
+        if runtime.is_main:
+            _prepare_out_dir(out_dir, resume)
+        _barrier(runtime)
+        trainer = Trainer(settings, shards_dir, out_dir, runtime)
+        state = _agreed_checkpoint(out_dir, runtime) if resume else None
+        if state is not None:
+            trainer.load(state)
+            if runtime.is_main:
+                truncate_metrics(out_dir / "metrics.jsonl", state["step"])
+        if trainer.progress.step < settings["steps"]:
+            trainer.run(max_steps_this_run)
+        finished = trainer.progress.step >= settings["steps"]
+        result = {
+            "finished": finished,
+            "step": trainer.progress.step,
+            "epoch": trainer.progress.epoch,
+            "metrics": trainer.final_metrics() if finished else trainer.last_record,
+        }
+        if finished:
+            result.update(trainer.write_artifacts())
+        _barrier(runtime)
+        return result
+    finally:
+        if runtime.joined_group:
+            dist.destroy_process_group()
+
+
+def _barrier(runtime: Runtime) -> None:
+    if runtime.world_size > 1:
+        dist.barrier()
+
+
+def _agreed_checkpoint(out_dir: Path, runtime: Runtime) -> dict | None:
+    """Rank 0 picks the checkpoint (renaming broken ones); all ranks load that file."""
+    if runtime.world_size == 1:
+        return load_newest_checkpoint(out_dir)
+    choice = [None]
+    if runtime.is_main:
+        state = load_newest_checkpoint(out_dir)
+        choice = [None if state is None else state["step"]]
+    dist.broadcast_object_list(choice, src=0)
+    if choice[0] is None:
+        return None
+    return torch.load(checkpoint_path(out_dir, choice[0]), map_location="cpu", weights_only=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line of one rank under torchrun (see ``cytopretrain.learning.distributed.launch``)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m cytopretrain.learning.train", description=main.__doc__)
+    parser.add_argument("settings", type=Path, help="JSON file of training settings")
+    parser.add_argument("shards_dir", type=Path)
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--no-resume", dest="resume", action="store_false")
+    parser.add_argument("--result", type=Path, help="rank 0 writes the result dict here as JSON")
+    args = parser.parse_args(argv)
+    result = train(json.loads(args.settings.read_text()), args.shards_dir, args.out_dir,
+                   device=args.device, resume=args.resume)
+    if args.result and int(os.environ.get("RANK", "0")) == 0:
+        with atomic_path(args.result) as tmp:
+            tmp.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
