@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import tifffile
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 YEAST = DATA / "yeast_toy" / "images"
@@ -19,3 +20,17 @@ def to_uint8(channels: list[np.ndarray]) -> np.ndarray:
         low, high = channel.min(), channel.max()
         out.append(np.round(255 * (channel - low) / max(high - low, 1e-12)).astype(np.uint8))
     return np.stack(out, axis=-1)
+
+
+def yeast_cell_images(per_protein: int = 9) -> list[dict]:
+    """Real yeast cells as shard images: the whole 64 px cell (GFP + RFP, or GFP only every
+    second cell) and 0-2 of its 32 px quadrants."""
+    images = []
+    for protein in sorted(p.name for p in YEAST.iterdir()):
+        for gfp in sorted((YEAST / protein).glob("*_gfp.tif"))[:per_protein]:
+            rfp = gfp.with_name(gfp.name.replace("_gfp.tif", "_rfp.tif"))
+            n = len(images)
+            cell = to_uint8([tifffile.imread(gfp), tifffile.imread(rfp)][: 1 + n % 2])
+            quadrants = [cell[:32, :32], cell[32:, 32:], cell[:32, 32:]][: n % 3]
+            images.append({"idx": f"yeast-{n}", "label": protein.lower(), "crops": [cell, *quadrants]})
+    return images

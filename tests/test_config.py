@@ -77,3 +77,94 @@ def test_runs_share_a_random_baseline_only_when_its_weights_would_be_identical(d
     demo_config["features"]["fusion"] = {"mix": ["weak_label", "random_autoencoder"]}
     with pytest.raises(ConfigError, match="features.fusion.mix"):
         validate_config(demo_config)
+
+
+def schema_defaults(node: dict, path: str = "") -> dict[str, object]:
+    """Every ``default`` of the schema by dotted key (``*`` for a name the user chooses),
+    except the empty mappings that only open a section."""
+    found = {}
+    for name, child in node.get("properties", {}).items():
+        key = f"{path}.{name}" if path else name
+        opens_section = "properties" in child or isinstance(child.get("additionalProperties"), dict)
+        if "default" in child and not (opens_section and child["default"] == {}):
+            found[key] = child["default"]
+        found.update(schema_defaults(child, key))
+    if isinstance(node.get("additionalProperties"), dict):
+        found.update(schema_defaults(node["additionalProperties"], f"{path}.*"))
+    return found
+
+
+def library_defaults() -> dict[str, object]:
+    """The library's own default for each config key the library reads."""
+    import dataclasses
+    import inspect
+
+    from cytopretrain.curation.crops import upsample_chunk
+    from cytopretrain.curation.labels import assign_weak_labels
+    from cytopretrain.curation.quality import QCThresholds, drop_small_labels
+    from cytopretrain.curation.shards import write_shards
+    from cytopretrain.curation.standardize import standardize_chunk
+    from cytopretrain.evaluation.evaluate import BENCHMARK_DEFAULTS
+    from cytopretrain.evaluation.features import ExtractionOptions
+    from cytopretrain.evaluation.outliers import score_crops
+    from cytopretrain.evaluation.protocols import bbbc021_well_results, bbbc021_well_table
+    from cytopretrain.learning.settings import DEFAULTS
+    from cytopretrain.learning.train import train
+    from cytopretrain.synthetic import generate_collection
+
+    def of(function, **keys) -> dict[str, object]:
+        parameters = inspect.signature(function).parameters
+        return {key: parameters[name].default for key, name in keys.items()}
+
+    qc = {field.name: field.default for field in dataclasses.fields(QCThresholds)}
+    extraction = {field.name: field.default for field in dataclasses.fields(ExtractionOptions)}
+    found = {
+        **of(generate_collection, **{f"synthetic.{k}": k for k in ("seed", "scale", "image_size")}),
+        **of(standardize_chunk, **{"standardize.low_percentile": "low", "standardize.high_percentile": "high",
+                                   "standardize.channels": "mode", "standardize.threads": "threads"}),
+        **of(assign_weak_labels, **{f"labels.{k}": k for k in ("columns", "min_count", "take_all_max", "prelim_max", "seed")}),
+        **of(upsample_chunk, **{f"crops.{k}": k for k in ("rules", "scales", "min_crop_side", "min_image_side", "seed")}),
+        **{f"quality_control.{k}": v for k, v in qc.items() if k != "dim_max_value"},
+        **of(drop_small_labels, **{"quality_control.min_images_per_label": "min_images"}),
+        **of(write_shards, **{"shards.format": "fmt", "shards.samples_per_shard": "samples_per_shard",
+                              "shards.validation_fraction": "validation_fraction", "shards.seed": "seed"}),
+        **of(train, **{"training.device": "device"}),
+        **{f"training.runs.*.{k}": v for k, v in DEFAULTS.items()},
+        **{f"features.{k}": extraction[k] for k in ("channel_mode", "normalize", "resize", "batch_size", "precision", "num_workers")},
+        **{f"benchmarks.*.{k}": v for k, v in BENCHMARK_DEFAULTS.items()},
+        **of(score_crops, **{"outliers.k": "k", "outliers.min_samples": "min_samples"}),
+        **of(bbbc021_well_table, **{f"well_profiles.*.{k}": k for k in ("plate_col", "well_col")}),
+        **of(bbbc021_well_results, **{"well_profiles.*.aggregate": "aggregate"}),
+    }
+    return found
+
+
+# Keys only the workflow reads (scheduling, file layout, which models to build): no library default.
+WORKFLOW_ONLY = {
+    "chunk_size", "download_cache", "sources.*.role", "sources.*.options", "training.runs.*.threads", "training.runs.*.gpus",
+    "training.runs.*.processes", "features.random_baseline", "features.external.*.in_channels",
+    "features.external.*.input_norm", "outliers.run",
+}
+# Library settings the config does not expose.
+LIBRARY_ONLY = {"training.runs.*.schedule", "training.runs.*.progress", "training.runs.*.method", "training.runs.*.backbone"}
+
+
+def plain(value):
+    """Tuples as lists, so (0.5, 0.25) and [0.5, 0.25] compare equal."""
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return value
+
+
+def test_schema_defaults_are_the_library_defaults():
+    from cytopretrain.core.config import load_schema
+
+    schema = schema_defaults(load_schema())
+    library = library_defaults()
+    unclassified = sorted(set(schema) - set(library) - WORKFLOW_ONLY)
+    assert not unclassified, f"schema defaults with no library counterpart: {unclassified}"
+    for key, value in library.items():
+        if key in LIBRARY_ONLY:
+            continue
+        assert key in schema, f"library default {key} = {value!r} is not in the schema"
+        assert plain(schema[key]) == plain(value), f"{key}: schema {schema[key]!r}, library {value!r}"

@@ -9,99 +9,21 @@ the crop files built here, never from the loader.
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
-import tifffile
 import torch
-from cell_images import YEAST, to_uint8
 
-from cytopretrain.core.schema import conform
-from cytopretrain.core.tables import ParquetStreamWriter, encode_pixels
 from cytopretrain.curation import shards
-from cytopretrain.curation.crops import CROP_SCHEMA
 from cytopretrain.learning import data
 
-IMAGES_PER_PROTEIN = 9
 SIZE = 40  # loader output side: the 64 px cells are cropped, the 32 px quadrants enlarged
 
 
 
-def write_shard_set(
-    images: list[dict], folder: Path, *, samples_per_shard: int, fmt: str = "parquet", seed: int = 0
-) -> dict:
-    """Shards of ``images`` (dicts: idx, label, crops = list of uint8 (H, W, C) arrays).
-
-    Returns the shard folder and every crop by crop_id: label, pixels.
-    """
-    crops = {}
-    for image in images:
-        for number, pixels in enumerate(image["crops"]):
-            h, w = pixels.shape[:2]
-            crops[f"{image['idx']}-c{number}"] = {
-                "idx": image["idx"],
-                "label": image["label"],
-                "category": "gene",
-                "crop": number > 0,
-                "scaling": 1.0,
-                "x_min": 0,
-                "x_max": w,
-                "y_min": 0,
-                "y_max": h,
-                **encode_pixels(pixels),
-            }
-    crop_file = folder / "crops.parquet"
-    with ParquetStreamWriter(crop_file, CROP_SCHEMA, rows_per_group=32) as writer:
-        for crop_id, row in crops.items():
-            writer.write({"crop_id": crop_id, **row})
-    labels = sorted({image["label"] for image in images})
-    kept = pd.DataFrame({"label": labels, "category": "gene"})
-    metadata = conform(
-        pd.DataFrame(
-            {
-                "idx": [image["idx"] for image in images],
-                "database": "test",
-                "microscopy": "fluorescence",
-                "gene": [f"{image['label']} targeted" for image in images],
-                "channel_paths": [["/test/none.tif"]] * len(images),
-            }
-        ),
-        "test metadata",
-    )
-    out_dir = folder / f"shards-{fmt}"
-    shards.write_shards(
-        [crop_file],
-        kept,
-        metadata,
-        out_dir,
-        samples_per_shard=samples_per_shard,
-        fmt=fmt,
-        validation_fraction=0.2,
-        seed=seed,
-    )
-    return {"dir": out_dir, "crops": crops, "labels": labels}
-
-
-def yeast_images() -> list[dict]:
-    """Real yeast cells: the whole 64 px cell (GFP + RFP or GFP only) and 32 px quadrants."""
-    if not YEAST.is_dir():
-        pytest.skip(f"real test data not found: {YEAST} (yeast_toy)")
-    images = []
-    for protein in sorted(p.name for p in YEAST.iterdir()):
-        for gfp in sorted((YEAST / protein).glob("*_gfp.tif"))[:IMAGES_PER_PROTEIN]:
-            rfp = gfp.with_name(gfp.name.replace("_gfp.tif", "_rfp.tif"))
-            n = len(images)
-            cell = to_uint8([tifffile.imread(gfp), tifffile.imread(rfp)][: 1 + n % 2])
-            quadrants = [cell[:32, :32], cell[32:, 32:], cell[:32, 32:]][: n % 3]
-            images.append({"idx": f"yeast-{n}", "label": protein.lower(), "crops": [cell, *quadrants]})
-    return images
-
-
 @pytest.fixture(scope="module")
-def shard_set(tmp_path_factory):
-    return write_shard_set(yeast_images(), tmp_path_factory.mktemp("yeast"), samples_per_shard=16)
+def shard_set(real_cell_shards):
+    return real_cell_shards("parquet")
 
 
 def loader(shard_set, split="train", **options):
@@ -281,10 +203,8 @@ def test_skipped_samples_are_not_decoded(shard_set, monkeypatch):
     assert sorted(decoded) == sorted(c for ids in crop_ids(resumed) for c in ids)
 
 
-def test_tfrecord_shards_give_the_same_batches(tmp_path):
-    images = yeast_images()[:20]
-    parquet = write_shard_set(images, tmp_path, samples_per_shard=8, fmt="parquet")
-    tfrecord = write_shard_set(images, tmp_path, samples_per_shard=8, fmt="tfrecord")
+def test_tfrecord_shards_give_the_same_batches(real_cell_shards):
+    parquet, tfrecord = real_cell_shards("parquet"), real_cell_shards("tfrecord")
     a, b = batches(parquet, epoch=1, skip_batches=1), batches(tfrecord, epoch=1, skip_batches=1)
     assert crop_ids(a) == crop_ids(b)
     assert all(torch.equal(x["image"], y["image"]) for x, y in zip(a, b))

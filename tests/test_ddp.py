@@ -21,7 +21,7 @@ import pandas as pd
 import pytest
 import torch
 from cell_images import DATA
-from test_data import write_shard_set
+from shard_builders import write_shard_set
 
 from cytopretrain.curation.standardize import standardize_image
 from cytopretrain.learning import augment, data, train

@@ -164,3 +164,42 @@ def test_the_check_catches_an_import_the_env_lacks(tmp_path):
     through_package = tmp_path / "uses_train.py"
     through_package.write_text("from cytopretrain.learning.train import train\n")
     assert "torch" in missing_from_env(through_package, REPO / "envs" / "download.yaml")
+
+
+def pinned_requirements() -> dict[str, str]:
+    """requirements.txt: normalized name -> pinned version."""
+    pins = {}
+    for line in (REPO / "requirements.txt").read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            name, version = line.split("==")
+            pins[normalize(name)] = version
+    return pins
+
+
+def test_the_package_declares_compatible_ranges_that_admit_the_pins():
+    """pyproject.toml's dependencies install the library on its own; requirements.txt's exact
+    pins (what CI runs) fall inside those ranges, and every third-party module the library
+    imports is declared."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    declared = [Requirement(item) for item in project["dependencies"]]
+    extras = [Requirement(item) for group in project["optional-dependencies"].values() for item in group]
+    pins = pinned_requirements()
+    for requirement in declared + extras:
+        name = normalize(requirement.name)
+        assert name in pins, f"{requirement} is not pinned in requirements.txt"
+        assert requirement.specifier.contains(pins[name]), f"{requirement} does not admit the pin {pins[name]}"
+        assert requirement.specifier, f"{requirement.name}: give a compatible range"
+    distributions = distributions_of_modules()
+    provided = {normalize(r.name) for r in declared}
+    for path in sorted((REPO / "cytopretrain").rglob("*.py")):
+        for name in imported_modules(path):
+            top = name.split(".")[0]
+            if module_file(name) or top in sys.stdlib_module_names or top in ("cytopretrain", "__future__"):
+                continue
+            candidates = {normalize(d) for d in distributions.get(top, [top])}
+            assert candidates & provided, f"{path.relative_to(REPO)} imports {top}, not in pyproject dependencies"

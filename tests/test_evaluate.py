@@ -55,7 +55,7 @@ def clustered():
     values = (centres[labels] + rng.normal(size=(300, 12))) * np.geomspace(0.1, 30, 12)
     splits = rng.choice(["train", "train", "test1", "test2"], size=300)
     values[splits == "test2"] = values[splits == "test2"] * 1.3 + 2.0  # shifted test domain
-    return table({"label": [f"L{l}" for l in labels], "split": splits}, values)
+    return table({"label": [f"L{label}" for label in labels], "split": splits}, values)
 
 
 # --- helpers -------------------------------------------------------------------------------
@@ -336,7 +336,7 @@ def test_map_matches_copairs():
     rng = np.random.default_rng(9)
     labels = rng.integers(0, 5, 90)
     values = rng.normal(size=(90, 10)) + rng.normal(size=(5, 10))[labels] * 0.8
-    frame = table({"label": [f"L{l}" for l in labels]}, values)
+    frame = table({"label": [f"L{label}" for label in labels]}, values)
     result = ev.mean_average_precision(frame, block_rows=16)
     meta = frame[["Metadata_label"]]
     expected = average_precision(meta, values, pos_sameby=["Metadata_label"], pos_diffby=[],
@@ -382,7 +382,7 @@ def test_multilabel_f1_matches_sklearn_and_split_is_stratified():
     rng = np.random.default_rng(2)
     values, labels = multilabel_table(rng, 200)
     values[:, 2:] += rng.normal(size=(200, 3)) * 3
-    labels = [l + ("|R" if i % 10 == 0 else "") for i, l in enumerate(labels)]  # rare label R
+    labels = [label + ("|R" if i % 10 == 0 else "") for i, label in enumerate(labels)]  # rare label R
     labels[5] = labels[5] + "|Once"  # a label seen once: stays in train
     frame = table({"labels": labels}, values)
     result = ev.multilabel_f1(frame, test_fraction=0.25, seed=3)
@@ -395,7 +395,7 @@ def test_multilabel_f1_matches_sklearn_and_split_is_stratified():
     frame_split = table({"labels": labels, "split": split}, values)
     given = ev.multilabel_f1(frame_split, split_col="Metadata_split")
     names = ["Once", "R", "X", "Y"]
-    targets = np.array([[n in l.split("|") for n in names] for l in labels], dtype=int)
+    targets = np.array([[n in label.split("|") for n in names] for label in labels], dtype=int)
     train, test = split == "train", split == "test"
     scaler = StandardScaler().fit(values[train])
     with warnings.catch_warnings():  # the constant label "Once" warns

@@ -25,7 +25,7 @@ from cytopretrain.evaluation.features import (
 )
 from cytopretrain.evaluation.preprocess import plane_percentiles
 from cytopretrain.evaluation.profiles import METADATA_COLUMNS, fuse_profiles, write_profiles
-from cytopretrain.learning.models import InferenceBackbone
+from cytopretrain.learning.models import InferenceBackbone, load_backbone
 
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"real test data not found at {DATA}")
 
@@ -497,6 +497,23 @@ def test_features_follow_the_backbone_weights_between_calls(tmp_path):
     assert not np.allclose(changed, original)
     backbone.layer4[1].bn2.bias = torch.nn.Parameter(torch.full_like(backbone.layer4[1].bn2.bias, 0.5))
     assert not np.allclose(extract_and_check(), changed)  # a new tensor object
+
+
+def test_a_trained_runs_backbone_file_extracts_like_the_direct_recipe(tiny_model, bbbc_cells):
+    """The extract_features rule's path: a run's backbone.pt loaded by name and channels from its
+    model card; its features follow the trained weights, not random init's."""
+    import json
+
+    card = json.loads((tiny_model / "model_card.json").read_text())
+    backbone = load_backbone(tiny_model / "backbone.pt", card["backbone"], card["in_channels"])
+    table = bbbc_cells.head(5)
+    profiles, failures = extract_features(table, backbone, channel_mode="merge")
+    assert failures.empty and len(profiles) == 5
+    for row, paths in zip(features_of(profiles), table["channel_paths"]):
+        expected = direct_features(backbone, read_channels(paths), mode="merge", normalize=True)
+        np.testing.assert_allclose(row, expected, rtol=1e-4, atol=1e-5)
+    untrained, _ = extract_features(table, random_init_backbone("resnet18", seed=card["settings"]["seed"]), channel_mode="merge")
+    assert not np.allclose(features_of(untrained), features_of(profiles), atol=1e-3)
 
 
 def test_random_init_backbone_is_deterministic_per_seed():

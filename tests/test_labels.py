@@ -346,7 +346,7 @@ def test_matches_a_slow_reference_on_a_realistic_table(seed):
 
     used: set[int] = set()
     seen_outcomes = set()
-    for (category, token, n_total), got in zip(candidates, report.itertuples()):
+    for (category, token, _), got in zip(candidates, report.itertuples()):
         available = holders[(category, token)] - used
         chosen = set(
             position[selection.idx[(selection.label.map(bare) == token) & (selection.category == category)]]

@@ -2,8 +2,8 @@
 
 Shards come from ``write_shards`` over crops of real cells (yeast_toy TIFFs: 1- and 2-channel,
 bbbc021_cells: 3-channel); evaluation records from ``cytopretrain.evaluation.protocols`` run on generated
-profile tables and tabulated by ``cytopretrain.evaluation.summary``; a training run from
-``cytopretrain.learning.train``; outlier scores from ``cytopretrain.evaluation.outliers.score_crops`` on latents
+profile tables and tabulated by ``cytopretrain.evaluation.summary``; a recorded training run
+(tests/data/report_run); outlier scores from ``cytopretrain.evaluation.outliers.score_crops`` on latents
 with planted outliers. Expected values are computed here from those inputs, never read back
 from the report module.
 """
@@ -21,7 +21,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import tifffile
-import torch
 from cell_images import BBBC_CELLS, DATA, YEAST, to_uint8
 
 from cytopretrain import report
@@ -33,7 +32,6 @@ from cytopretrain.curation.crops import CROP_SCHEMA
 from cytopretrain.evaluation import protocols as evaluate
 from cytopretrain.evaluation.outliers import score_crops
 from cytopretrain.evaluation.summary import summarize
-from cytopretrain.learning import train
 from cytopretrain.learning.checkpoints import read_metrics
 from cytopretrain.report.curation import MONTAGE_PER_LABEL
 from cytopretrain.report.evaluation import normalized_confusion
@@ -51,19 +49,6 @@ SECTION_HEADINGS = [
     "5. Evaluation",
     "6. Outlier tiles",
 ]
-TRAIN_SETTINGS = {
-    "method": "weak_label",
-    "backbone": "resnet18",
-    "in_channels": 1,
-    "image_size": 32,
-    "batch_size": 8,
-    "steps": 6,
-    "lr": 1e-3,
-    "log_every": 2,
-    "validate_every": 3,
-    "checkpoint_every": 6,
-    "progress": False,
-}
 
 
 # --------------------------------------------------------------------------- HTML parsing
@@ -335,20 +320,19 @@ def write_evaluations(folder: Path) -> tuple[list[Path], list[dict], Path]:
     return paths, records, summary_path
 
 
-def write_runs(shard_dir: Path, folder: Path) -> list[Path]:
-    """A real short training run, and a copy of it whose log lost its validation records."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        result = train.train(TRAIN_SETTINGS, shard_dir, folder / "work" / "weak_label")
-    finally:
-        torch.set_num_threads(threads)
+RECORDED_RUN = Path(__file__).parent / "data" / "report_run"
+
+
+def write_runs(folder: Path) -> list[Path]:
+    """A recorded short weak-label run (tests/data/report_run: its model card and metrics log, as
+    learning.train wrote them for 6 steps at 32 px on these shards), and a copy of it whose log
+    lost its validation records."""
     cards = []
     for run in ("weak_label", "no_validation"):
         run_dir = folder / "train" / run
         run_dir.mkdir(parents=True)
-        shutil.copyfile(result["model_card"], run_dir / "model_card.json")
-        records = read_metrics(folder / "work" / "weak_label" / "metrics.jsonl")
+        shutil.copyfile(RECORDED_RUN / "model_card.json", run_dir / "model_card.json")
+        records = read_metrics(RECORDED_RUN / "metrics.jsonl")
         if run == "no_validation":
             records = [{k: v for k, v in r.items() if not k.startswith("val_")} for r in records]
             records = [r for r in records if "loss" in r]
@@ -418,7 +402,7 @@ def inputs(tmp_path_factory):
             "index": shard_dir / "index.tsv",
             "summary": summary,
             "evaluations": evaluations,
-            "cards": write_runs(shard_dir, folder),
+            "cards": write_runs(folder),
             "outliers": [write_outliers(shard_dir, index, planted, folder)],
         },
     }
@@ -506,7 +490,7 @@ def test_montage_notes_short_labels(built, inputs):
 def test_summary_values_are_formatted(built, inputs):
     text = built["text"]
     for record in inputs["records"]:
-        for protocol, result in record["results"].items():
+        for result in record["results"].values():
             parts = [result] + list(result.get("splits", {}).values())
             for part in parts:
                 if "accuracy" in part:
@@ -545,7 +529,7 @@ def test_training_section(built, inputs):
     facts = page.table_with("fact")  # the first run's card
     values = dict(zip(facts["fact"], facts["value"]))
     assert values["backbone"] == "resnet18" and values["pretext method"] == "weak_label"
-    assert values["steps (epochs)"].startswith(f"{TRAIN_SETTINGS['steps']} (")
+    assert values["steps (epochs)"].startswith(f"{card['steps']} (")
     assert f"loss {card['final_metrics']['loss']:.4g}" in values["final metrics"]
     assert "val_loss" in values["final metrics"]
 

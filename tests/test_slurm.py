@@ -22,8 +22,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from test_workflow_real import real_config
-from workflow_helpers import DATA, REPO, check, demo_config, write_config
+from workflow_helpers import DATA, REPO, check, demo_config, real_config, write_config
 
 from cytopretrain.core.tables import read_table
 from cytopretrain.curation.shards import iter_shard, load_index, load_labels

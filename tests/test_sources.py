@@ -623,11 +623,8 @@ SYNTHETIC_LAYOUTS = ["bbbc021", "rxrx1", "hpa", "cyclops", "coos7"]
 
 
 @pytest.fixture(scope="module")
-def synthetic_collection(tmp_path_factory):
-    synthetic = pytest.importorskip("cytopretrain.synthetic")
-    out = tmp_path_factory.mktemp("synthetic")
-    summary = synthetic.generate_collection(out, seed=3, scale=0.05, layouts=SYNTHETIC_LAYOUTS, image_size=64)
-    return out, summary
+def synthetic_collection(demo_collection):
+    return demo_collection
 
 
 @pytest.mark.parametrize("layout", SYNTHETIC_LAYOUTS)

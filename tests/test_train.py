@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_data import write_shard_set
+from shard_builders import write_shard_set
 
 from cytopretrain.curation import shards
 from cytopretrain.learning import models, train

@@ -120,7 +120,7 @@ def test_injected_defects_are_quarantined_with_their_reason(run):
             assert (hits["reason"] == reason).any(), defect
         else:
             table = tables[source]
-            owner = table[table["channel_paths"].map(lambda paths: path in list(paths))]
+            owner = table[table["channel_paths"].map(lambda paths, path=path: path in list(paths))]
             assert len(owner) == 1, f"{defect.path} not in the canonical table"
             assert reason_of.get((owner["idx"].iloc[0], stage)) == reason, defect
         checked += 1

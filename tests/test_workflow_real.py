@@ -11,7 +11,7 @@ from __future__ import annotations
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-from workflow_helpers import DATA, check, snakemake, write_config
+from workflow_helpers import DATA, check, real_config, snakemake, write_config
 
 from cytopretrain.core.tables import read_table
 from cytopretrain.curation.shards import iter_shard, load_index, load_labels
@@ -20,38 +20,6 @@ pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(not DATA.is_dir(), reason=f"real data folder {DATA} is absent"),
 ]
-
-CELLS = {
-    "file": "cells.csv",
-    "path_column": "file",
-    "channels": ["dna", "tubulin", "actin"],
-    "columns": {
-        "phenotype": "moa",
-        "compound": "compound",
-        "concentration": "concentration",
-        "plate": "plate",
-        "well": "well",
-    },
-    "constants": {"organism": "human", "cell_type": "mcf7", "cell_visible": "nucleus|microtubules|actin"},
-}
-
-
-def real_config() -> dict:
-    return {
-        "chunk_size": 500,
-        "sources": {
-            "rxrx1": {"path": str(DATA / "rxrx1"), "adapter": "rxrx1", "options": {"incomplete_sites": "keep"}},
-            "yeast": {"path": str(DATA / "yeast_toy" / "images"), "adapter": "cyclops", "options": {"category": "gene"}},
-            "hpa_cells": {"path": str(DATA / "hpa_toy"), "adapter": "hpa", "options": {"layout": "cells"}},
-            "bbbc021_cells": {"path": str(DATA / "bbbc021_cells"), "adapter": "manifest", "options": CELLS},
-            "bbbc021": {"path": str(DATA / "bbbc021"), "adapter": "bbbc021", "role": "benchmark"},
-        },
-        "labels": {"min_count": 20, "take_all_max": 200, "prelim_max": 400},
-        "crops": {"rules": [[200, 1], [100, 2], [50, 3], [0, 4]], "min_crop_side": 24, "min_image_side": 48},
-        "quality_control": {"min_images_per_label": 30},
-        "shards": {"samples_per_shard": 300},
-    }
-
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):

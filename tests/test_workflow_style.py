@@ -1,4 +1,4 @@
-"""The workflow's own checks: Snakemake's linter and snakefmt's formatting."""
+"""The code's own checks: Snakemake's linter, snakefmt and ruff (lint and format)."""
 
 import subprocess
 import sys
@@ -17,5 +17,21 @@ def test_snakemake_lint_is_clean():
 def test_snakefmt_check_passes():
     result = subprocess.run(
         [sys.executable, "-m", "snakefmt", "--check", "."], cwd=REPO, capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_ruff_check_passes():
+    """The Python linter (pyproject.toml's [tool.ruff] rules) over the package, scripts, tests
+    and benchmarks."""
+    result = subprocess.run(
+        [sys.executable, "-m", "ruff", "check", "."], cwd=REPO, capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_ruff_format_check_passes():
+    result = subprocess.run(
+        [sys.executable, "-m", "ruff", "format", "--check", "."], cwd=REPO, capture_output=True, text=True, check=False
     )
     assert result.returncode == 0, result.stdout + result.stderr

@@ -42,3 +42,37 @@ def snakemake(workdir: Path, *args: str, timeout: int = 1500) -> subprocess.Comp
 def check(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     assert result.returncode == 0, f"snakemake failed:\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}"
     return result
+
+
+# The manifest adapter's options for ../shared/data/bbbc021_cells (cells.csv, one .npy per cell).
+CELLS = {
+    "file": "cells.csv",
+    "path_column": "file",
+    "channels": ["dna", "tubulin", "actin"],
+    "columns": {
+        "phenotype": "moa",
+        "compound": "compound",
+        "concentration": "concentration",
+        "plate": "plate",
+        "well": "well",
+    },
+    "constants": {"organism": "human", "cell_type": "mcf7", "cell_visible": "nucleus|microtubules|actin"},
+}
+
+
+def real_config() -> dict:
+    """The real subsets of ../shared/data as local `path:` sources (test_workflow_real, test_slurm)."""
+    return {
+        "chunk_size": 500,
+        "sources": {
+            "rxrx1": {"path": str(DATA / "rxrx1"), "adapter": "rxrx1", "options": {"incomplete_sites": "keep"}},
+            "yeast": {"path": str(DATA / "yeast_toy" / "images"), "adapter": "cyclops", "options": {"category": "gene"}},
+            "hpa_cells": {"path": str(DATA / "hpa_toy"), "adapter": "hpa", "options": {"layout": "cells"}},
+            "bbbc021_cells": {"path": str(DATA / "bbbc021_cells"), "adapter": "manifest", "options": CELLS},
+            "bbbc021": {"path": str(DATA / "bbbc021"), "adapter": "bbbc021", "role": "benchmark"},
+        },
+        "labels": {"min_count": 20, "take_all_max": 200, "prelim_max": 400},
+        "crops": {"rules": [[200, 1], [100, 2], [50, 3], [0, 4]], "min_crop_side": 24, "min_image_side": 48},
+        "quality_control": {"min_images_per_label": 30},
+        "shards": {"samples_per_shard": 300},
+    }

@@ -6,6 +6,7 @@ Every error names the offending key as a dotted path (``sources.rxrx1.adapter``)
 from __future__ import annotations
 
 import copy
+import importlib
 from pathlib import Path
 
 import jsonschema
@@ -64,9 +65,27 @@ def _describe(error: jsonschema.ValidationError) -> str:
     return f"config key '{_key(error.path)}': {error.message}"
 
 
+def load_schema(schema_path: str | Path = SCHEMA_PATH) -> dict:
+    """The config schema with every ``enum_from: module.NAME`` replaced by ``enum:`` and the
+    names of the library constant it points at (a tuple, or a dict's keys)."""
+    return _resolve_enums(yaml.safe_load(Path(schema_path).read_text()))
+
+
+def _resolve_enums(node):
+    if isinstance(node, dict):
+        node = {key: _resolve_enums(value) for key, value in node.items()}
+        if "enum_from" in node:
+            module, _, name = node.pop("enum_from").rpartition(".")
+            node["enum"] = list(getattr(importlib.import_module(module), name))
+        return node
+    if isinstance(node, list):
+        return [_resolve_enums(item) for item in node]
+    return node
+
+
 def validate_config(config: dict, schema_path: str | Path = SCHEMA_PATH) -> dict:
     """Validate ``config`` in place (filling defaults) and return it; raise ConfigError."""
-    schema = yaml.safe_load(Path(schema_path).read_text())
+    schema = load_schema(schema_path)
     validator = _with_defaults(jsonschema.Draft202012Validator)(schema)
     errors = sorted(validator.iter_errors(config), key=lambda e: (len(e.path), list(map(str, e.path))))
     if errors:

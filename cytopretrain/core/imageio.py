@@ -32,7 +32,7 @@ import math
 import os
 import stat
 import struct
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import imagecodecs
 import numpy as np

@@ -10,8 +10,8 @@ import stat
 import tarfile
 import tempfile
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from cytopretrain.core.errors import (
     DownloadError,

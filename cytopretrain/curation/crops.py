@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -287,7 +287,7 @@ def upsample_chunk(
     class_sizes: Mapping[str, int] | pd.Series,
     out_parquet: str | os.PathLike,
     *,
-    seed: int,
+    seed: int = 0,
     rules: Sequence[tuple[int, int]] = DEFAULT_RULES,
     scales: Sequence[float] = DEFAULT_SCALES,
     min_crop_side: int = 70,

@@ -71,8 +71,8 @@ Where this deviates from the original ``analyze_metadata.py`` and why
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 import numpy as np
 import pandas as pd

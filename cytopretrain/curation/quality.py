@@ -18,8 +18,8 @@ Labels left with fewer than 500 kept crops are then dropped (``drop_small_labels
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from typing import Mapping
 
 import numpy as np
 import pandas as pd
@@ -50,7 +50,7 @@ class QCThresholds:
     bright_mean: float = 254.0  # too_bright: mean ≥ this
 
     @classmethod
-    def from_config(cls, settings: "QCThresholds | Mapping[str, float] | None") -> "QCThresholds":
+    def from_config(cls, settings: QCThresholds | Mapping[str, float] | None) -> QCThresholds:
         """Thresholds from a config mapping; its label-size key belongs to drop_small_labels."""
         if settings is None:
             return cls()

@@ -56,8 +56,8 @@ TFRecord shard is the float32 rounding of the metadata value; Parquet keeps floa
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 import pandas as pd

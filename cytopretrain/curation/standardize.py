@@ -31,9 +31,9 @@ from __future__ import annotations
 
 import os
 from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 import pandas as pd
@@ -174,8 +174,8 @@ def standardize_image(
 
 
 # Both modes map pixels with three in-place float32 ufunc passes rather than a lookup-table
-# gather: numpy's gather first converts uint8/uint16 indices to intp, and measured 1.7x
-# (uint16) to 1.6x (uint8) slower than the arithmetic.
+# gather: numpy's gather first converts uint8/uint16 indices to intp, which costs more than the
+# arithmetic.
 
 
 def _keep(channels: list[_Channel], shape: tuple[int, int, int]) -> np.ndarray:

@@ -24,7 +24,8 @@ from __future__ import annotations
 import io
 import os
 import struct
-from typing import BinaryIO, Iterator
+from collections.abc import Iterator
+from typing import BinaryIO
 
 import crc32c
 import numpy as np

@@ -14,6 +14,9 @@ import pandas as pd
 
 from cytopretrain.evaluation import protocols
 
+# What a benchmark entry means when it leaves a key out (the config schema shows the same).
+BENCHMARK_DEFAULTS = {"label": "phenotype", "published": None, "embedding": "pca", "k": 11}
+
 # How each protocol runs on a benchmark's profiles: (profiles, label column, benchmark) -> result.
 PROTOCOLS: dict[str, Callable[[pd.DataFrame, str, dict], dict]] = {
     "nsc": lambda profiles, label, benchmark: protocols.nsc(profiles, **_moa_columns(label)),
@@ -21,14 +24,14 @@ PROTOCOLS: dict[str, Callable[[pd.DataFrame, str, dict], dict]] = {
         profiles, **_moa_columns(label), batch_col="Metadata_batch"
     ),
     "knn_holdout": lambda profiles, label, benchmark: protocols.knn_holdout(
-        profiles, label_col=label, split_col="Metadata_split", k=benchmark.get("k", 11)
+        profiles, label_col=label, split_col="Metadata_split", k=benchmark.get("k", BENCHMARK_DEFAULTS["k"])
     ),
-    "knn_loo": lambda profiles, label, benchmark: protocols.knn_loo(profiles, label_col=label, k=benchmark.get("k", 11)),
+    "knn_loo": lambda profiles, label, benchmark: protocols.knn_loo(profiles, label_col=label, k=benchmark.get("k", BENCHMARK_DEFAULTS["k"])),
     "map": lambda profiles, label, benchmark: protocols.mean_average_precision(profiles, label_col=label),
     "multilabel_f1": lambda profiles, label, benchmark: protocols.multilabel_f1(profiles, labels_col=label),
     "pair_threshold": lambda profiles, label, benchmark: protocols.pair_threshold(profiles, label_col=label),
     "nn_agreement": lambda profiles, label, benchmark: protocols.nn_agreement(
-        profiles, label_col=label, space=benchmark.get("embedding", "pca")
+        profiles, label_col=label, space=benchmark.get("embedding", BENCHMARK_DEFAULTS["embedding"])
     ),
 }
 
@@ -44,7 +47,8 @@ def _moa_columns(label: str) -> dict:
 
 def run_protocols(profiles: pd.DataFrame, benchmark: dict) -> dict:
     """Every protocol of ``benchmark`` on ``profiles``: protocol name -> its result dict."""
-    label = f"Metadata_{benchmark.get('label', 'phenotype')}"
+    benchmark = {**BENCHMARK_DEFAULTS, **benchmark}
+    label = f"Metadata_{benchmark['label']}"
     return {name: PROTOCOLS[name](profiles, label, benchmark) for name in benchmark["protocols"]}
 
 

@@ -42,16 +42,9 @@ bf16); everything else is bounded by the block sizes (a 1024 x 32768 tile of key
 bf16) and the re-ranking chunk (2²³ gathered values per side, 32 MB in float32, and their float64
 copies).
 
-Speed on the development machine (Intel Xeon with AMX, 2 threads): leave-one-out 11-NN of
-132,000 x 1280 features takes 56 s with the bf16 shortlist (``python benchmarks/bench_knn.py
---precisions bf16``, 797 GFLOP/s counting the whole n x n product). The bf16 products run at
-about 1,450 GFLOP/s on these tile shapes, so they are 31 s of it; the per-tile selection and
-the exact re-ranking share the rest about equally (profile at 66,000 rows). Before the striped
-selection (``_smallest_per_row``) and the interval-pruned re-ranking, the same benchmark took
-64.5 s on this machine (and 115 s on an AMD EPYC without AMX). A set searched against itself
-could use a symmetric key and compute only half the tiles, but selecting each tile's
-candidates in its second, transposed order cost as much as the products it saved when tried
-(10-11 s against 8.9 s at 32,000 rows, AMD EPYC), so every search takes the general pass.
+Speed: ``python benchmarks/bench_knn.py`` (leave-one-out 11-NN of 132,000 x 1280 features);
+the figures per machine, and what was tried and not kept (a symmetric key for a set searched
+against itself cost as much in selection as it saved in products), are in benchmarks/README.md.
 """
 
 from __future__ import annotations

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pandas as pd
@@ -143,8 +143,8 @@ def shows_text(crops: pd.DataFrame, boxes: dict[str, tuple[int, int, int, int]])
     )
 
 
-def score_crops(encoded: pd.DataFrame, *, k: int, min_samples: int,
-                boxes: dict[str, tuple[int, int, int, int]]) -> pd.DataFrame:
+def score_crops(encoded: pd.DataFrame, *, k: int = 5, min_samples: int = 5,
+                boxes: dict[str, tuple[int, int, int, int]] | None = None) -> pd.DataFrame:
     """Outlier scores per crop (``encode_crops`` output), ranked by reconstruction error.
 
     score / rank: relative reconstruction error, rank 1 the largest; latent_distance /
@@ -157,7 +157,7 @@ def score_crops(encoded: pd.DataFrame, *, k: int, min_samples: int,
     table = table.rename(columns={"score": "latent_distance", "rank": "latent_rank"})
     table["score"] = encoded["Metadata_reconstruction_error"].to_numpy()
     table["rank"] = descending_rank(table["score"].to_numpy())
-    table["injected_text"] = shows_text(table, boxes)
+    table["injected_text"] = shows_text(table, boxes or {})
     return table[list(OUTLIER_TABLE_COLUMNS)].sort_values("rank", ignore_index=True)
 
 

@@ -113,7 +113,7 @@ def load_newest_checkpoint(out_dir: Path) -> dict | None:
             problem = f"{type(error).__name__}: {error}"
         if problem is None:
             return state
-        warnings.warn(f"skipping checkpoint {path}: {problem}")
+        warnings.warn(f"skipping checkpoint {path}: {problem}", stacklevel=2)
         os.replace(path, path.with_name(path.name + ".corrupt"))
     return None
 

@@ -60,9 +60,9 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pandas as pd
@@ -430,8 +430,8 @@ def _read_tfrecord_rows(path: Path, rows: np.ndarray) -> Iterator[dict]:
 def collate(samples: list[dict]) -> dict:
     """Batch of samples: image (B, C, S, S), label (B,) int64, crop_id list.
 
-    Stacked with numpy: torch.stack runs on the intra-op thread pool, which on a busy machine
-    made loading in the training process 20 times slower (measured here)."""
+    Stacked with numpy: torch.stack runs on the intra-op thread pool, which competes with the
+    training step for the same cores (benchmarks/README.md, "bench_training")."""
     return {
         "image": torch.from_numpy(np.stack([s["image"].numpy() for s in samples])),
         "label": torch.tensor([s["label"] for s in samples], dtype=torch.int64),

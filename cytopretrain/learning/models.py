@@ -153,8 +153,8 @@ class InferenceBackbone(nn.Module):
 
     The pairs are found in the data flow traced by torch.fx (torch's ``fuse``). The features
     are those of the backbone in eval mode up to float rounding (about 1e-6 relative in
-    fp32). A folded BatchNorm is one pass less over each activation map: on the CPU the
-    forward ran 19-27 % faster for efficientnet_b0 and the ResNets. DenseNet-121 keeps its
+    fp32). A folded BatchNorm is one pass less over each activation map (benchmarks/README.md,
+    "bench_features", has the measured gain). DenseNet-121 keeps its
     pre-activation BatchNorms, which follow a concatenation, not a convolution. The source
     backbone is not changed; its attributes name, in_channels, feature_dim and
     min_input_size are carried over.

@@ -37,8 +37,9 @@ from __future__ import annotations
 import copy
 import inspect
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar, Sequence
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F

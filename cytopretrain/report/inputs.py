@@ -6,8 +6,8 @@ import contextlib
 import json
 import math
 import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 import pandas as pd

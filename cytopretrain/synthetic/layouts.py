@@ -170,7 +170,7 @@ def plan_bbbc021(root: Path, seed: int, scale: float, size: int) -> LayoutPlan:
         path_name = f"Week{f['week']}/{f['plate']}"
         job = FieldJob(
             seed=(seed, 1, i), size=size, cell_type="mcf7", effect=moa_effect(f["moa"], f["strength"]),
-            stains=tuple(s for _, s, _, _ in BBBC021_CHANNELS), levels=tuple(l for *_, l in BBBC021_CHANNELS),
+            stains=tuple(s for _, s, _, _ in BBBC021_CHANNELS), levels=tuple(level for *_, level in BBBC021_CHANNELS),
             optics=plate_optics[(f["week"], f["replicate"])], fmt="tiff16",
             paths=tuple(str(root / f["plate"] / n) for n in names), defect=defects.get(i, ""),
             text=f"{f['plate']}\n{f['well']} s{f['site']}",
@@ -251,7 +251,7 @@ def plan_rxrx1(root: Path, seed: int, scale: float, size: int) -> LayoutPlan:
         job = FieldJob(
             seed=(seed, 2, i), size=size, cell_type=w["cell_type"], effect=w["effect"],
             stains=tuple(s for s, _ in RXRX1_CHANNELS[:n_channels]),
-            levels=tuple(l for _, l in RXRX1_CHANNELS[:n_channels]), optics=w["optics"], fmt="png8",
+            levels=tuple(level for _, level in RXRX1_CHANNELS[:n_channels]), optics=w["optics"], fmt="png8",
             paths=paths, defect=defects.get(i, ""), text=f"{w['experiment']} P{w['plate']}\n{w['well']}",
         )
         jobs.append(job)
@@ -311,7 +311,7 @@ def plan_hpa(root: Path, seed: int, scale: float, size: int) -> LayoutPlan:
         protein = "protein:" + "+".join(HPA_RENDERED[c][0] for c in labels)
         job = FieldJob(
             seed=(seed, 3, i), size=size, cell_type=str(rng.choice(["u2os", "rpe", "hepg2"])), effect=NEUTRAL,
-            stains=tuple(s or protein for _, s, _ in HPA_CHANNELS), levels=tuple(l for *_, l in HPA_CHANNELS),
+            stains=tuple(s or protein for _, s, _ in HPA_CHANNELS), levels=tuple(level for *_, level in HPA_CHANNELS),
             optics=_batch_optics(rng, 4, gain=0.25, read_noise=0.8, max_value=255), fmt="png8",
             paths=tuple(str(root / "train" / f"{image_id}_{colour}.png") for colour, _, _ in HPA_CHANNELS),
             defect=defects.get(i, ""), text=f"HPA {image_id[:8]}\n63x",
@@ -479,7 +479,7 @@ def plan_synthetic(root: Path, seed: int, scale: float, size: int) -> LayoutPlan
     plates = {p: _plate_optics(rng, batches[(p - 1) // 2 + 1]) for p in range(1, SYNTHETIC_N_PLATES + 1)}
     images: list[dict] = []
     for cond in _synthetic_conditions(scale):
-        for k in range(cond["n"]):
+        for _ in range(cond["n"]):
             images.append(dict(cond, plate=1 + (len(images) % SYNTHETIC_N_PLATES),
                                cell_type=SYNTHETIC_CELL_TYPES[int(rng.integers(len(SYNTHETIC_CELL_TYPES)))]))
     # Wells: images of one condition on one plate share wells; more sites per well at larger

@@ -210,7 +210,7 @@ class Field:
         rn_base = radius * ct.nuclear_ratio * eff.nuclear_scale * float(rng.lognormal(0, 0.08))
         rn_base = min(rn_base, 0.85 * radius) * (0.75 if multi else 1.0) * (0.75 if mitotic else 1.0)
         out = []
-        for k in range(count):
+        for _ in range(count):
             spread = 0.45 if multi else 0.2
             if self.yeast:
                 offset = 0.35 * radius

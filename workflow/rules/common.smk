@@ -11,6 +11,7 @@ sys.path.insert(0, str(REPO_ROOT))
 from cytopretrain.core.config import random_baselines, validate_config
 from cytopretrain.curation.download import transport_problem
 from cytopretrain.curation.resources import load_resource, resource_from_config
+from cytopretrain.synthetic.layouts import LAYOUTS
 
 validate_config(config, REPO_ROOT / "workflow" / "schemas" / "config.schema.yaml")
 

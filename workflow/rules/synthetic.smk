@@ -1,11 +1,6 @@
-SYNTHETIC_LAYOUTS = ["bbbc021", "rxrx1", "hpa", "cyclops", "coos7", "synthetic"]
-
-
 rule generate_synthetic:
     output:
-        archives=expand(
-            "results/synthetic/archives/{layout}.zip", layout=SYNTHETIC_LAYOUTS
-        ),
+        archives=expand("results/synthetic/archives/{layout}.zip", layout=LAYOUTS),
         ground_truth="results/synthetic/ground_truth.csv",
     log:
         "logs/generate_synthetic/generate_synthetic.log",
@@ -18,6 +13,6 @@ rule generate_synthetic:
         seed=config["synthetic"]["seed"],
         scale=config["synthetic"]["scale"],
         image_size=config["synthetic"]["image_size"],
-        layouts=SYNTHETIC_LAYOUTS,
+        layouts=LAYOUTS,
     script:
         "../../scripts/generate_synthetic.py"

@@ -19,6 +19,8 @@ from cytopretrain.evaluation.protocols.common import (
     require_columns,
 )
 
+EMBEDDINGS = ("fastica", "pca")
+
 
 def embedding_2d(profiles: pd.DataFrame | np.ndarray, method: str = "fastica", seed: int = 0) -> np.ndarray:
     """(n, 2) coordinates of the features as given (no scaling), as in seeds 000 and 003.
