@@ -1,11 +1,15 @@
-"""Does the hand-written TFRecord writer (curation.tfrecord) earn its place against the PyPI
-``tfrecord`` package's writer (protobuf serialization)?
+"""TFRecord shards: writing with the ``tfrecord`` package (what curation.tfrecord does) against
+Parquet shards of the same rows, and reading them back.
 
 Shard rows of real cells: every yeast_toy cell (64 x 64, GFP + RFP as uint8, 2 channels ->
 stored raw) and every bbbc021_cells crop (68 x 68 x 3 -> RGB PNG), with the shard schema's
-metadata features (curation.shards.sample_to_features). Per writer, the best of ``--repeat``
-passes of serializing and framing every example into one file (the PNG encoding, shared by both,
-is timed on its own), and a check that both files hold the same examples.
+metadata. Per format, the best of ``--repeat`` passes of: building the features (PNG encoding
+and metadata), writing every example, and reading every example back to a shard row; a check
+that the package's own reader finds every record.
+
+The hand-written encoder this module had before was measured with an earlier version of this
+script (commit 9c8e824): the package wrote the same examples in 0.63-0.64 of its time;
+benchmarks/README.md has the figures.
 
     python benchmarks/bench_tfrecord.py [--repeat 5]
 """
@@ -13,8 +17,8 @@ is timed on its own), and a check that both files hold the same examples.
 from __future__ import annotations
 
 import argparse
-import io
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -25,9 +29,9 @@ import tifffile
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from cytopretrain.core.tables import encode_pixels  # noqa: E402
-from cytopretrain.curation import tfrecord as ours  # noqa: E402
-from cytopretrain.curation.shards import sample_to_features  # noqa: E402
+from cytopretrain.core.tables import ParquetStreamWriter, encode_pixels  # noqa: E402
+from cytopretrain.curation import tfrecord  # noqa: E402
+from cytopretrain.curation.shards import SHARD_SCHEMA, features_to_sample, iter_shard, sample_to_features  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data"
 
@@ -62,20 +66,6 @@ def shard_rows() -> list[dict]:
     return rows
 
 
-def package_datum(features: dict) -> dict:
-    """The tfrecord package's (value, kind) pairs for our feature dict."""
-    datum = {}
-    for key, value in features.items():
-        array = value if isinstance(value, np.ndarray) else None
-        if isinstance(value, (bytes, str)) or (array is not None and array.dtype.kind in "SU"):
-            datum[key] = (value if array is None else list(array), "byte")
-        elif isinstance(value, (float, np.floating)) or (array is not None and array.dtype.kind == "f"):
-            datum[key] = (value, "float")
-        else:
-            datum[key] = (int(value) if array is None else value, "int")
-    return datum
-
-
 def best(function, repeat: int) -> float:
     times = []
     for _ in range(repeat):
@@ -90,45 +80,31 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args()
     from tfrecord.reader import tfrecord_iterator
-    from tfrecord.writer import TFRecordWriter as PackageWriter
 
     rows = shard_rows()
-    png = best(lambda: [sample_to_features(r) for r in rows], args.repeat)
-    features = [sample_to_features(r) for r in rows]
-    datums = [package_datum(f) for f in features]
-    ours_buffer, package_buffer = io.BytesIO(), io.BytesIO()
-
-    def write_ours() -> None:
-        ours_buffer.seek(0)
-        ours_buffer.truncate()
-        for f in features:
-            ours.write_example(ours_buffer, f)
-
-    def write_package() -> None:
-        package_buffer.seek(0)
-        package_buffer.truncate()
-        writer = PackageWriter.__new__(PackageWriter)
-        writer.file = package_buffer
-        for d in datums:
-            writer.write(d)
-
-    ours_s, package_s = best(write_ours, args.repeat), best(write_package, args.repeat)
     n = len(rows)
-    print(f"{n} shard examples ({sum(r['n_channels'] == 3 for r in rows)} PNG-encoded, the rest raw)")
-    print(f"sample_to_features (image encoding and metadata, shared): {1e3 * png:8.1f} ms  {1e6 * png / n:7.1f} us/example")
-    print(f"curation.tfrecord writer:                                 {1e3 * ours_s:8.1f} ms  {1e6 * ours_s / n:7.1f} us/example")
-    print(f"tfrecord package writer:                                  {1e3 * package_s:8.1f} ms  {1e6 * package_s / n:7.1f} us/example")
-    print(f"package / ours: {package_s / ours_s:.2f}; bytes {len(package_buffer.getvalue())} / {len(ours_buffer.getvalue())}")
-    # Both files decode to the same examples with our reader.
-    for source in (ours_buffer, package_buffer):
-        path = Path(f"/tmp/bench_tfrecord_{id(source)}.tfrecord")
-        path.write_bytes(source.getvalue())
-        decoded = [ours.decode_example(r) for r in ours.read_records(path)]
-        assert len(decoded) == n
-        assert all(np.array_equal(ours.decode_image(d), ours.decode_image(e)) for d, e in zip(decoded, [ours.decode_example(ours.encode_example(f)) for f in features]))
-        assert sum(1 for _ in tfrecord_iterator(str(path))) == n
-        path.unlink()
-    print("both files decode to the same images and counts (our reader and the package's iterator)")
+    with tempfile.TemporaryDirectory() as folder:
+        record_path, parquet_path = Path(folder) / "s.tfrecord", Path(folder) / "s.parquet"
+        build = best(lambda: [sample_to_features(r) for r in rows], args.repeat)
+        features = [sample_to_features(r) for r in rows]
+
+        def write_tfrecord() -> None:
+            with tfrecord.TFRecordWriter(record_path) as writer:
+                for f in features:
+                    writer.write(f)
+
+        def write_parquet() -> None:
+            with ParquetStreamWriter(parquet_path, SHARD_SCHEMA, rows_per_group=64) as writer:
+                for r in rows:
+                    writer.write({name: r[name] for name in SHARD_SCHEMA.names})
+
+        write_t, write_p = best(write_tfrecord, args.repeat), best(write_parquet, args.repeat)
+        read_t = best(lambda: [features_to_sample(tfrecord.decode_example(r)) for r in tfrecord.read_records(record_path)], args.repeat)
+        read_p = best(lambda: list(iter_shard(parquet_path)), args.repeat)
+        assert sum(1 for _ in tfrecord_iterator(str(record_path))) == n
+        print(f"{n} shard examples ({sum(r['n_channels'] == 3 for r in rows)} PNG-encoded, the rest raw)")
+        print(f"TFRecord: features {1e6 * build / n:6.1f} us/example, write {1e6 * write_t / n:6.1f}, read back {1e6 * read_t / n:6.1f}; {record_path.stat().st_size / 1e6:.1f} MB")
+        print(f"Parquet:  write {1e6 * write_p / n:6.1f} us/example, read back {1e6 * read_p / n:6.1f}; {parquet_path.stat().st_size / 1e6:.1f} MB")
 
 
 if __name__ == "__main__":

@@ -104,6 +104,18 @@ METADATA_COLUMNS = [n for n in CANONICAL_FIELDS if n != "idx"]
 _TF_RENAMED = {"class_index": "label", "label": "label/text"}
 _IMAGE_COLUMNS = tuple(PIXEL_FIELDS)
 
+
+def _tf_kind(kind: pa.DataType) -> str:
+    if kind == pa.string():
+        return "text"
+    if pa.types.is_list(kind):
+        return "texts"
+    return "float" if pa.types.is_floating(kind) else "int"
+
+
+# How each non-image shard column is stored in a TFRecord example (once, not per row).
+_TF_KINDS = {name: _tf_kind(kind) for name, kind in SHARD_FIELDS.items() if name not in _IMAGE_COLUMNS}
+
 INDEX_COLUMNS = [
     "split",
     "shard",
@@ -314,21 +326,24 @@ class _ShuffleBuffer:
             yield rows[position]
 
 
-def sample_to_features(sample: dict) -> dict[str, object]:
-    """TFRecord features of one shard row (see the module's schema table)."""
+def sample_to_features(sample: dict) -> dict[str, tuple[list, str]]:
+    """TFRecord features of one shard row (see the module's schema table), as the TFRecord
+    writer's (values, kind) pairs, typed from the shard schema."""
     image = decode_pixels(sample["pixels"], sample["height"], sample["width"], sample["n_channels"])
     features = image_features(image)
-    for name, kind in SHARD_FIELDS.items():
-        if name in _IMAGE_COLUMNS:
-            continue
+    for name, kind in _TF_KINDS.items():
         value = sample[name]
         if value is None:
             raise SchemaError(f"crop {sample['crop_id']!r}: {name} is null")
-        if kind == pa.string():
-            value = value.encode("utf-8")
-        elif pa.types.is_list(kind):
-            value = np.array([v.encode("utf-8") for v in value], dtype=np.bytes_)
-        features[_TF_RENAMED.get(name, name)] = value
+        if kind == "text":
+            typed = ([value.encode("utf-8")], "byte")
+        elif kind == "texts":
+            typed = ([v.encode("utf-8") for v in value], "byte")
+        elif kind == "float":
+            typed = ([float(value)], "float")
+        else:
+            typed = ([int(value)], "int")
+        features[_TF_RENAMED.get(name, name)] = typed
     return features
 
 
