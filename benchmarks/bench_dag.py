@@ -31,8 +31,18 @@ from cytopretrain.core.schema import CANONICAL_SCHEMA  # noqa: E402
 
 
 def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(workdir),
-               "--configfile", str(workdir / "config.yaml"), *args]
+    command = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "-s",
+        str(REPO / "Snakefile"),
+        "--directory",
+        str(workdir),
+        "--configfile",
+        str(workdir / "config.yaml"),
+        *args,
+    ]
     return subprocess.run(command, capture_output=True, text=True, check=False)
 
 
@@ -48,8 +58,9 @@ def main() -> None:
 
     start = time.perf_counter()
     table = make_metadata(args.rows, seed=0)
-    pq.write_table(pa.Table.from_pandas(table, schema=CANONICAL_SCHEMA, preserve_index=False),
-                   source_dir / "metadata.parquet")
+    pq.write_table(
+        pa.Table.from_pandas(table, schema=CANONICAL_SCHEMA, preserve_index=False), source_dir / "metadata.parquet"
+    )
     print(f"metadata: {len(table):,} rows built and written in {time.perf_counter() - start:.1f} s")
     config = {
         "chunk_size": args.chunk_size,

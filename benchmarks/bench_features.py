@@ -98,7 +98,9 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_bare(model: torch.nn.Module, batches: list[torch.Tensor], dtype: torch.dtype | None, device: torch.device) -> float:
+def time_bare(
+    model: torch.nn.Module, batches: list[torch.Tensor], dtype: torch.dtype | None, device: torch.device
+) -> float:
     synchronize(device)
     start = time.perf_counter()
     with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
@@ -111,7 +113,12 @@ def time_bare(model: torch.nn.Module, batches: list[torch.Tensor], dtype: torch.
 def time_pipeline(backbone, table: pd.DataFrame, precision: str, num_workers: int, device: torch.device) -> float:
     start = time.perf_counter()
     profiles, failures = extract_features(
-        table, backbone, channel_mode="merge", batch_size=BATCH_SIZE, device=device, precision=precision,
+        table,
+        backbone,
+        channel_mode="merge",
+        batch_size=BATCH_SIZE,
+        device=device,
+        precision=precision,
         num_workers=num_workers,
     )
     synchronize(device)

@@ -53,13 +53,22 @@ def image_sets(scratch: Path) -> dict[str, pd.DataFrame]:
 
     def table(rows: list[list[Path]], channels: str) -> pd.DataFrame:
         return pd.DataFrame(
-            {"idx": [f"i{n}" for n in range(len(rows))], "channel_paths": [[str(p) for p in r] for r in rows], "channels": channels}
+            {
+                "idx": [f"i{n}" for n in range(len(rows))],
+                "channel_paths": [[str(p) for p in r] for r in rows],
+                "channels": channels,
+            }
         )
 
     return {
-        "yeast 64 px float32 TIFF x2": table([[g, g.with_name(g.name.replace("_gfp", "_rfp"))] for g in yeast], "gfp|rfp"),
+        "yeast 64 px float32 TIFF x2": table(
+            [[g, g.with_name(g.name.replace("_gfp", "_rfp"))] for g in yeast], "gfp|rfp"
+        ),
         "hpa 128 px float32 TIFF x3": table(
-            [[b, b.with_name(b.name.replace("_blue", "_green")), b.with_name(b.name.replace("_blue", "_red"))] for b in hpa],
+            [
+                [b, b.with_name(b.name.replace("_blue", "_green")), b.with_name(b.name.replace("_blue", "_red"))]
+                for b in hpa
+            ],
             "blue|green|red",
         ),
         "bbbc021 68 px uint16 NPY (3 ch)": table([[p] for p in npy], "dna|tubulin|actin"),
@@ -98,10 +107,13 @@ def main() -> None:
     backbone = random_init_backbone("resnet18", in_channels=1, seed=0)
     with tempfile.TemporaryDirectory() as scratch:
         sets = image_sets(Path(scratch))
-        print(f"{'set':34} {'files':>6} {'fast ms/file':>13} {'lib ms/file':>12} "
-              f"{'standardize fast / lib s':>26} {'features fast / lib s':>23}")
+        print(
+            f"{'set':34} {'files':>6} {'fast ms/file':>13} {'lib ms/file':>12} "
+            f"{'standardize fast / lib s':>26} {'features fast / lib s':>23}"
+        )
         for name, table in sets.items():
             files = [p for paths in table["channel_paths"] for p in paths]
+
             def read_all(files=files) -> None:
                 for path in files:
                     imageio.read_image(path)

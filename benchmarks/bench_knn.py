@@ -49,8 +49,8 @@ def brute_force(features: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray
     for q in queries:
         dist = np.empty(features.shape[0])
         for start in range(0, features.shape[0], 16384):
-            diff = features[start:start + 16384].astype(np.float64) - features[q].astype(np.float64)
-            dist[start:start + 16384] = np.einsum("ij,ij->i", diff, diff)
+            diff = features[start : start + 16384].astype(np.float64) - features[q].astype(np.float64)
+            dist[start : start + 16384] = np.einsum("ij,ij->i", diff, diff)
         dist[q] = np.inf
         order = np.lexsort((np.arange(dist.size), dist))
         result.append(order[:k])
@@ -81,8 +81,10 @@ def main() -> None:
         results[name] = knn_search(features, None, args.k, exclude_self=True, precision=name)
         seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
         flops = 2.0 * args.n * args.n * args.dims
-        print(f"{name}: {seconds:7.1f} s wall, {cpu_seconds:7.1f} s CPU "
-              f"({flops / seconds / 1e9:6.0f} GFLOP/s effective, counting the full n x n product); passes:")
+        print(
+            f"{name}: {seconds:7.1f} s wall, {cpu_seconds:7.1f} s CPU "
+            f"({flops / seconds / 1e9:6.0f} GFLOP/s effective, counting the full n x n product); passes:"
+        )
         for attempt in results[name].attempts:
             print(f"    {attempt}")
     first = results[precisions[0]]

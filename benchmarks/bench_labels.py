@@ -64,9 +64,7 @@ def main() -> None:
 
     exact_peak = reset_peak_rss()
     start = time.perf_counter()
-    selection, report = assign_weak_labels(
-        meta, min_count=287, take_all_max=1000, prelim_max=10000, seed=args.seed
-    )
+    selection, report = assign_weak_labels(meta, min_count=287, take_all_max=1000, prelim_max=10000, seed=args.seed)
     assign_s = time.perf_counter() - start
     assign_peak = memory_kib("VmHWM") if exact_peak else None
     process_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
@@ -89,9 +87,7 @@ def main() -> None:
     print(f"rows                   {figures['rows']:,} from {figures['sources']} sources")
     print(f"table build            {build_s:.1f} s, table resident {gib(table_rss)}")
     print(f"candidate labels       {figures['candidate_labels']:,}")
-    print(
-        f"labels taken           {figures['labels_taken']:,}  {figures['labels_taken_per_category']}"
-    )
+    print(f"labels taken           {figures['labels_taken']:,}  {figures['labels_taken_per_category']}")
     print(f"outcomes               {figures['outcomes']}")
     print(f"images selected        {figures['images_selected']:,}")
     print(f"assignment wall time   {assign_s:.1f} s")

@@ -67,11 +67,13 @@ def rxrx1_sites(root: Path) -> ImageSet:
             sites.append(paths)
     if not sites:
         raise SystemExit(f"no complete 6-channel RxRx1 site under {root}")
-    meta = pd.DataFrame({
-        "idx": [f"rxrx1-{i}" for i in range(len(sites))],
-        "channel_paths": sites,
-        "channels": "|".join(f"w{c}" for c in range(1, 7)),
-    })
+    meta = pd.DataFrame(
+        {
+            "idx": [f"rxrx1-{i}" for i in range(len(sites))],
+            "channel_paths": sites,
+            "channels": "|".join(f"w{c}" for c in range(1, 7)),
+        }
+    )
     height, width = read_image(sites[0][0]).shape[:2]
     return ImageSet("rxrx1 png", meta, len(sites) * 6 * height * width / 1e6)
 
@@ -99,8 +101,9 @@ def synthetic_channels(rng: np.random.Generator, height: int, width: int) -> lis
     return out
 
 
-def synthetic_tiffs(folder: Path, n_images: int, height: int, width: int, seed: int,
-                    compression: str | None = None) -> ImageSet:
+def synthetic_tiffs(
+    folder: Path, n_images: int, height: int, width: int, seed: int, compression: str | None = None
+) -> ImageSet:
     rng = np.random.default_rng(seed)
     rows = []
     for i in range(n_images):
@@ -110,11 +113,13 @@ def synthetic_tiffs(folder: Path, n_images: int, height: int, width: int, seed: 
             tifffile.imwrite(path, plane, compression=compression)
             paths.append(str(path))
         rows.append(paths)
-    meta = pd.DataFrame({
-        "idx": [f"tiff-{i}" for i in range(n_images)],
-        "channel_paths": rows,
-        "channels": "dapi|tubulin|actin",
-    })
+    meta = pd.DataFrame(
+        {
+            "idx": [f"tiff-{i}" for i in range(n_images)],
+            "channel_paths": rows,
+            "channels": "dapi|tubulin|actin",
+        }
+    )
     label = f"tiff 16-bit {compression or 'uncompressed'}"
     return ImageSet(label, meta, n_images * 3 * height * width / 1e6)
 
@@ -173,19 +178,25 @@ def timed(method: Callable[[ImageSet, Path, int], None], images: ImageSet, threa
 def report(images: ImageSet, runs: dict[str, list[Timing]], threads_of: dict[str, int]) -> None:
     n = len(images.meta)
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    print(f"\n== {images.name}: {n} images, {images.megapixels:.1f} MPix per pass "
-          f"(load average {load} on {os.cpu_count()} cores) ==")
-    print(f"{'method':<25}{'threads':>8}{'wall s':>9}{'cpu s':>9}{'img/s/core':>12}{'MPix/s/core':>13}"
-          f"{'(wall) img/s/core':>19}{'MPix/s/core':>13}{'KB out/img':>12}")
+    print(
+        f"\n== {images.name}: {n} images, {images.megapixels:.1f} MPix per pass "
+        f"(load average {load} on {os.cpu_count()} cores) =="
+    )
+    print(
+        f"{'method':<25}{'threads':>8}{'wall s':>9}{'cpu s':>9}{'img/s/core':>12}{'MPix/s/core':>13}"
+        f"{'(wall) img/s/core':>19}{'MPix/s/core':>13}{'KB out/img':>12}"
+    )
     medians = {}
     for label, timings in runs.items():
         wall = statistics.median(t.wall for t in timings)
         cpu = statistics.median(t.cpu for t in timings)
         medians[label] = Timing(wall, cpu)
         per_core_wall = wall * threads_of[label]
-        print(f"{label:<25}{threads_of[label]:>8}{wall:>9.3f}{cpu:>9.3f}{n / cpu:>12.1f}"
-              f"{images.megapixels / cpu:>13.1f}{n / per_core_wall:>19.1f}{images.megapixels / per_core_wall:>13.1f}"
-              f"{timings[-1].output_bytes / n / 1e3:>12.0f}")
+        print(
+            f"{label:<25}{threads_of[label]:>8}{wall:>9.3f}{cpu:>9.3f}{n / cpu:>12.1f}"
+            f"{images.megapixels / cpu:>13.1f}{n / per_core_wall:>19.1f}{images.megapixels / per_core_wall:>13.1f}"
+            f"{timings[-1].output_bytes / n / 1e3:>12.0f}"
+        )
     ref, dec = medians["reference"], medians["decode"]
     threaded = sorted((k, medians[label].wall) for label, k in threads_of.items() if label.startswith("ours"))
     for k, wall in threaded[1:]:
@@ -195,10 +206,12 @@ def report(images: ImageSet, runs: dict[str, list[Timing]], threads_of: dict[str
             continue
         k = threads_of[label]
         best = min(t.cpu for t in runs[label]) / min(t.cpu for t in runs["decode"])
-        print(f"{label}: {ref.cpu / m.cpu:.1f}x reference per core (cpu), {ref.wall / (m.wall * k):.1f}x (wall), "
-              f"{medians['reference w/o PNG write'].cpu / m.cpu:.1f}x reference w/o PNG write (cpu); "
-              f"{m.cpu / dec.cpu:.2f}x bare decode time per core (cpu; best of runs {best:.2f}x), "
-              f"{m.wall * k / dec.wall:.2f}x (wall)")
+        print(
+            f"{label}: {ref.cpu / m.cpu:.1f}x reference per core (cpu), {ref.wall / (m.wall * k):.1f}x (wall), "
+            f"{medians['reference w/o PNG write'].cpu / m.cpu:.1f}x reference w/o PNG write (cpu); "
+            f"{m.cpu / dec.cpu:.2f}x bare decode time per core (cpu; best of runs {best:.2f}x), "
+            f"{m.wall * k / dec.wall:.2f}x (wall)"
+        )
 
 
 def main() -> None:
@@ -219,10 +232,14 @@ def main() -> None:
             image_sets.append(rxrx1_sites(args.rxrx1))
         else:
             print(f"skipping rxrx1: {args.rxrx1} not found")
-        image_sets.append(synthetic_tiffs(tiff_dir, args.n_tiff, *args.tiff_shape, seed=args.seed,
-                                          compression=args.tiff_compression))
-        methods = {"decode": (bare_decode, 1), "reference": (reference, 1),
-                   "reference w/o PNG write": (reference_without_write, 1)}
+        image_sets.append(
+            synthetic_tiffs(tiff_dir, args.n_tiff, *args.tiff_shape, seed=args.seed, compression=args.tiff_compression)
+        )
+        methods = {
+            "decode": (bare_decode, 1),
+            "reference": (reference, 1),
+            "reference w/o PNG write": (reference_without_write, 1),
+        }
         methods |= {f"ours threads={k}": (ours, k) for k in args.threads}
         for images in image_sets:
             bare_decode(images, tiff_dir, 1)  # warm the page cache

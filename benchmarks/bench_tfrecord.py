@@ -47,7 +47,12 @@ def to_uint8(planes: list[np.ndarray]) -> np.ndarray:
 def shard_rows() -> list[dict]:
     images = []
     for gfp in sorted((DATA / "yeast_toy" / "images").glob("*/*_gfp.tif")):
-        images.append((gfp.parent.name.lower(), to_uint8([tifffile.imread(gfp), tifffile.imread(str(gfp).replace("_gfp", "_rfp"))])))
+        images.append(
+            (
+                gfp.parent.name.lower(),
+                to_uint8([tifffile.imread(gfp), tifffile.imread(str(gfp).replace("_gfp", "_rfp"))]),
+            )
+        )
     cells = pd.read_csv(DATA / "bbbc021_cells" / "cells.csv")
     for row in cells.itertuples():
         array = np.load(DATA / "bbbc021_cells" / row.file)
@@ -55,14 +60,42 @@ def shard_rows() -> list[dict]:
     rows = []
     for n, (label, pixels) in enumerate(images):
         h, w = pixels.shape[:2]
-        rows.append({
-            "crop_id": f"img{n}-c0", "idx": f"img{n}", "class_index": n % 7, "label": label, "category": "gene",
-            "crop": False, "scaling": 1.0, "x_min": 0, "x_max": w, "y_min": 0, "y_max": h, "database": "test",
-            "name": "bench", "dir_name": "bench", "path": "/x", "filename": f"img{n}.tif", "organism": "",
-            "cell_type": "", "cell_visible": "", "phenotype": "", "compound": "", "sirna": "", "gene": label,
-            "microscopy": "fluorescence", "channels": "a|b", "plate": "", "well": "", "batch": "", "split": "",
-            "concentration": float("nan"), "channel_paths": ["/x/a.tif", "/x/b.tif"], **encode_pixels(pixels),
-        })
+        rows.append(
+            {
+                "crop_id": f"img{n}-c0",
+                "idx": f"img{n}",
+                "class_index": n % 7,
+                "label": label,
+                "category": "gene",
+                "crop": False,
+                "scaling": 1.0,
+                "x_min": 0,
+                "x_max": w,
+                "y_min": 0,
+                "y_max": h,
+                "database": "test",
+                "name": "bench",
+                "dir_name": "bench",
+                "path": "/x",
+                "filename": f"img{n}.tif",
+                "organism": "",
+                "cell_type": "",
+                "cell_visible": "",
+                "phenotype": "",
+                "compound": "",
+                "sirna": "",
+                "gene": label,
+                "microscopy": "fluorescence",
+                "channels": "a|b",
+                "plate": "",
+                "well": "",
+                "batch": "",
+                "split": "",
+                "concentration": float("nan"),
+                "channel_paths": ["/x/a.tif", "/x/b.tif"],
+                **encode_pixels(pixels),
+            }
+        )
     return rows
 
 
@@ -99,12 +132,19 @@ def main() -> None:
                     writer.write({name: r[name] for name in SHARD_SCHEMA.names})
 
         write_t, write_p = best(write_tfrecord, args.repeat), best(write_parquet, args.repeat)
-        read_t = best(lambda: [features_to_sample(tfrecord.decode_example(r)) for r in tfrecord.read_records(record_path)], args.repeat)
+        read_t = best(
+            lambda: [features_to_sample(tfrecord.decode_example(r)) for r in tfrecord.read_records(record_path)],
+            args.repeat,
+        )
         read_p = best(lambda: list(iter_shard(parquet_path)), args.repeat)
         assert sum(1 for _ in tfrecord_iterator(str(record_path))) == n
         print(f"{n} shard examples ({sum(r['n_channels'] == 3 for r in rows)} PNG-encoded, the rest raw)")
-        print(f"TFRecord: features {1e6 * build / n:6.1f} us/example, write {1e6 * write_t / n:6.1f}, read back {1e6 * read_t / n:6.1f}; {record_path.stat().st_size / 1e6:.1f} MB")
-        print(f"Parquet:  write {1e6 * write_p / n:6.1f} us/example, read back {1e6 * read_p / n:6.1f}; {parquet_path.stat().st_size / 1e6:.1f} MB")
+        print(
+            f"TFRecord: features {1e6 * build / n:6.1f} us/example, write {1e6 * write_t / n:6.1f}, read back {1e6 * read_t / n:6.1f}; {record_path.stat().st_size / 1e6:.1f} MB"
+        )
+        print(
+            f"Parquet:  write {1e6 * write_p / n:6.1f} us/example, read back {1e6 * read_p / n:6.1f}; {parquet_path.stat().st_size / 1e6:.1f} MB"
+        )
 
 
 if __name__ == "__main__":

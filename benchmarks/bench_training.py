@@ -160,16 +160,12 @@ def end_to_end(shards: Path, out: Path, size: int, precision: str, steps: int) -
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", type=int, default=1024, help="crops in the shard set")
     parser.add_argument("--steps", type=int, default=4, help="timed training steps per setting")
     parser.add_argument("--demo-size", type=int, default=64, help="the demo's training image side, px")
     args = parser.parse_args()
-    print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}"
-    )
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}")
     sizes = (224, args.demo_size)
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
@@ -194,9 +190,7 @@ def main() -> None:
             print(f"{name:>32s}" + "".join(f"{wall:8.1f} ({cpu:5.1f})" for wall, cpu in rates))
         print(f"\nend to end (train.train, {args.demo_size} px, 1 loader worker), images/s")
         for precision in ("fp32", "bf16"):
-            rate = end_to_end(
-                shards, Path(tmp) / f"run-{precision}", args.demo_size, precision, args.steps + 2
-            )
+            rate = end_to_end(shards, Path(tmp) / f"run-{precision}", args.demo_size, precision, args.steps + 2)
             print(f"{precision:>32s}{rate:10.1f}")
     print(f"\nload average at the end {os.getloadavg()[0]:.1f}")
 

@@ -17,6 +17,4 @@ result = run_adapter(
 )
 write_table(result.table, snakemake.output.table, schema=CANONICAL_SCHEMA)
 write_table(result.issues, snakemake.output.issues)
-log.info(
-    "%s: %d images in the table, %d set aside", snakemake.wildcards.source, len(result.table), len(result.issues)
-)
+log.info("%s: %d images in the table, %d set aside", snakemake.wildcards.source, len(result.table), len(result.issues))

@@ -9,7 +9,10 @@ from cytopretrain.evaluation.evaluate import evaluate_benchmark, headline
 
 log = setup_logging(snakemake)
 record, embedding = evaluate_benchmark(
-    read_table(snakemake.input.profiles), snakemake.params.benchmark, snakemake.wildcards.benchmark, snakemake.wildcards.model
+    read_table(snakemake.input.profiles),
+    snakemake.params.benchmark,
+    snakemake.wildcards.benchmark,
+    snakemake.wildcards.model,
 )
 with atomic_path(snakemake.output.result) as tmp:
     tmp.write_text(json.dumps(record, indent=1, default=float))

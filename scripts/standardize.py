@@ -17,4 +17,6 @@ decisions = standardize_chunk(
 )
 write_table(decisions, snakemake.output.decisions)
 kept = int((decisions["status"] == "kept").sum())
-log.info("chunk %s: %d images in, %d kept, %d quarantined", snakemake.wildcards.chunk, len(chunk), kept, len(chunk) - kept)
+log.info(
+    "chunk %s: %d images in, %d kept, %d quarantined", snakemake.wildcards.chunk, len(chunk), kept, len(chunk) - kept
+)

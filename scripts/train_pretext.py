@@ -33,6 +33,11 @@ if not result["finished"]:
     raise RuntimeError(f"training stopped at step {result['step']} of {settings['steps']}")
 # The declared outputs are copied last, so a killed job leaves only checkpoints behind.
 for name in ("backbone", "method", "metrics", "card"):
-    source = work_dir / {"backbone": "backbone.pt", "method": "method.pt", "metrics": "metrics.jsonl", "card": "model_card.json"}[name]
+    source = (
+        work_dir
+        / {"backbone": "backbone.pt", "method": "method.pt", "metrics": "metrics.jsonl", "card": "model_card.json"}[
+            name
+        ]
+    )
     shutil.copyfile(source, snakemake.output[name])
 log.info("trained %s: %s", snakemake.wildcards.run, result["metrics"])

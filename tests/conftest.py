@@ -56,7 +56,9 @@ def real_cell_shards(data_dir, tmp_path_factory):
 
     def get(fmt: str = "parquet") -> dict:
         if fmt not in written:
-            written[fmt] = write_shard_set(images, tmp_path_factory.mktemp(f"yeast-{fmt}"), samples_per_shard=16, fmt=fmt)
+            written[fmt] = write_shard_set(
+                images, tmp_path_factory.mktemp(f"yeast-{fmt}"), samples_per_shard=16, fmt=fmt
+            )
         return written[fmt]
 
     return get

@@ -251,9 +251,7 @@ def _vocabulary() -> Vocabulary:
         "cytochalasin b",
         "dmso2",
     ]
-    compound_moa = np.where(
-        rng.random(N_COMPOUNDS) < 0.08, rng.choice(MOAS, N_COMPOUNDS), ""
-    ).astype(object)
+    compound_moa = np.where(rng.random(N_COMPOUNDS) < 0.08, rng.choice(MOAS, N_COMPOUNDS), "").astype(object)
     symbols: dict[str, None] = {}
     while len(symbols) < N_GENES:
         word = "".join(rng.choice(letters, size=int(rng.integers(3, 5))))
@@ -262,9 +260,7 @@ def _vocabulary() -> Vocabulary:
     sirna_ids = rng.choice(90000, size=N_SIRNAS, replace=False) + 10000
     sirnas = np.array([f"s{i}" for i in sirna_ids], dtype=object)
     # siRNA libraries target a subset of the genes, several siRNAs per gene for some.
-    return Vocabulary(
-        compounds, compound_moa, genes, sirnas, rng.integers(0, N_SIRNA_GENES, N_SIRNAS)
-    )
+    return Vocabulary(compounds, compound_moa, genes, sirnas, rng.integers(0, N_SIRNA_GENES, N_SIRNAS))
 
 
 @dataclass(frozen=True)
@@ -340,9 +336,7 @@ def _zipf_weights(n: int, exponent: float, offset: float = 2.0) -> np.ndarray:
     return weights / weights.sum()
 
 
-def _pick(
-    values: np.ndarray, n: int, rng: np.random.Generator, p: np.ndarray | None = None
-) -> np.ndarray:
+def _pick(values: np.ndarray, n: int, rng: np.random.Generator, p: np.ndarray | None = None) -> np.ndarray:
     """``n`` draws from an object array (shared string objects, no per-row formatting)."""
     return np.asarray(values, dtype=object)[rng.choice(len(values), size=n, p=p)]
 
@@ -358,9 +352,7 @@ def _empty(n: int) -> np.ndarray:
     return _constant(n, "")
 
 
-def _treatments(
-    spec: SourceSpec, n: int, vocab: Vocabulary, rng: np.random.Generator
-) -> dict[str, np.ndarray]:
+def _treatments(spec: SourceSpec, n: int, vocab: Vocabulary, rng: np.random.Generator) -> dict[str, np.ndarray]:
     """compound, sirna, gene, phenotype and concentration of one source."""
     out = {c: _empty(n) for c in ("compound", "sirna", "gene", "phenotype")}
     out["concentration"] = np.full(n, np.nan)
@@ -373,9 +365,7 @@ def _treatments(
                 p=_zipf_weights(N_COMPOUNDS, 0.6),
             )
         )
-        compound_index = library[
-            rng.choice(len(library), size=n, p=_zipf_weights(len(library), 1.1, 5.0))
-        ]
+        compound_index = library[rng.choice(len(library), size=n, p=_zipf_weights(len(library), 1.1, 5.0))]
         out["compound"] = vocab.compounds[compound_index]
         out["phenotype"] = vocab.compound_moa[compound_index]
         out["concentration"] = rng.choice(CONCENTRATIONS, size=n)
@@ -385,9 +375,7 @@ def _treatments(
         out["concentration"][control] = 0.0
     elif spec.kind == "sirna":
         library = rng.choice(N_SIRNAS, size=int(rng.integers(200, N_SIRNAS)), replace=False)
-        sirna_index = library[
-            rng.choice(len(library), size=n, p=_zipf_weights(len(library), 0.3, 50.0))
-        ]
+        sirna_index = library[rng.choice(len(library), size=n, p=_zipf_weights(len(library), 0.3, 50.0))]
         out["sirna"] = vocab.sirnas[sirna_index]
         out["gene"] = vocab.genes[vocab.sirna_gene[sirna_index]]
         control = rng.random(n) < 0.05
@@ -414,9 +402,7 @@ def _treatments(
 
 
 def _joined(*parts: pa.Array | pa.Scalar | str, sep: str = "") -> pa.Array:
-    return pc.binary_join_element_wise(
-        *[pa.scalar(p) if isinstance(p, str) else p for p in parts], sep
-    )
+    return pc.binary_join_element_wise(*[pa.scalar(p) if isinstance(p, str) else p for p in parts], sep)
 
 
 def _strings(array: pa.Array) -> np.ndarray:
@@ -462,9 +448,7 @@ def _files(spec: SourceSpec, n: int, rng: np.random.Generator) -> dict[str, obje
     }
 
 
-def _source_frame(
-    spec: SourceSpec, n: int, vocab: Vocabulary, rng: np.random.Generator
-) -> dict[str, object]:
+def _source_frame(spec: SourceSpec, n: int, vocab: Vocabulary, rng: np.random.Generator) -> dict[str, object]:
     cell_weights = _zipf_weights(len(spec.cell_types), 0.8, 1.0)
     columns: dict[str, object] = {
         "database": _constant(n, spec.database),
@@ -503,12 +487,7 @@ def make_metadata(n_rows: int, seed: int = 0, *, n_sources: int = 65) -> pd.Data
     specs = _source_specs(sizes, rng)
     with _gc_paused():
         parts = [_source_frame(spec, int(n), vocab, rng) for spec, n in zip(specs, sizes) if n > 0]
-        return pd.DataFrame(
-            {
-                name: _column([p[name] for p in parts], kind)
-                for name, kind in CANONICAL_FIELDS.items()
-            }
-        )
+        return pd.DataFrame({name: _column([p[name] for p in parts], kind) for name, kind in CANONICAL_FIELDS.items()})
 
 
 def _column(pieces: list, kind: pa.DataType) -> pd.Series:

@@ -75,11 +75,18 @@ def write_shard_set(
     labels = sorted({image["label"] for image in images})
     kept = pd.DataFrame({"label": labels, "category": category})
     metadata = canonical_metadata(
-        [image["idx"] for image in images], **{category: [f"{image['label']} targeted" if category == "gene" else image["label"] for image in images]}
+        [image["idx"] for image in images],
+        **{category: [f"{image['label']} targeted" if category == "gene" else image["label"] for image in images]},
     )
     out_dir = folder / f"shards-{fmt}"
     shards.write_shards(
-        [crop_file], kept, metadata, out_dir,
-        samples_per_shard=samples_per_shard, fmt=fmt, validation_fraction=validation_fraction, seed=seed,
+        [crop_file],
+        kept,
+        metadata,
+        out_dir,
+        samples_per_shard=samples_per_shard,
+        fmt=fmt,
+        validation_fraction=validation_fraction,
+        seed=seed,
     )
     return {"dir": out_dir, "crops": crops, "labels": labels}

@@ -120,17 +120,39 @@ def library_defaults() -> dict[str, object]:
     extraction = {field.name: field.default for field in dataclasses.fields(ExtractionOptions)}
     found = {
         **of(generate_collection, **{f"synthetic.{k}": k for k in ("seed", "scale", "image_size")}),
-        **of(standardize_chunk, **{"standardize.low_percentile": "low", "standardize.high_percentile": "high",
-                                   "standardize.channels": "mode", "standardize.threads": "threads"}),
-        **of(assign_weak_labels, **{f"labels.{k}": k for k in ("columns", "min_count", "take_all_max", "prelim_max", "seed")}),
-        **of(upsample_chunk, **{f"crops.{k}": k for k in ("rules", "scales", "min_crop_side", "min_image_side", "seed")}),
+        **of(
+            standardize_chunk,
+            **{
+                "standardize.low_percentile": "low",
+                "standardize.high_percentile": "high",
+                "standardize.channels": "mode",
+                "standardize.threads": "threads",
+            },
+        ),
+        **of(
+            assign_weak_labels,
+            **{f"labels.{k}": k for k in ("columns", "min_count", "take_all_max", "prelim_max", "seed")},
+        ),
+        **of(
+            upsample_chunk, **{f"crops.{k}": k for k in ("rules", "scales", "min_crop_side", "min_image_side", "seed")}
+        ),
         **{f"quality_control.{k}": v for k, v in qc.items() if k != "dim_max_value"},
         **of(drop_small_labels, **{"quality_control.min_images_per_label": "min_images"}),
-        **of(write_shards, **{"shards.format": "fmt", "shards.samples_per_shard": "samples_per_shard",
-                              "shards.validation_fraction": "validation_fraction", "shards.seed": "seed"}),
+        **of(
+            write_shards,
+            **{
+                "shards.format": "fmt",
+                "shards.samples_per_shard": "samples_per_shard",
+                "shards.validation_fraction": "validation_fraction",
+                "shards.seed": "seed",
+            },
+        ),
         **of(train, **{"training.device": "device"}),
         **{f"training.runs.*.{k}": v for k, v in DEFAULTS.items()},
-        **{f"features.{k}": extraction[k] for k in ("channel_mode", "normalize", "resize", "batch_size", "precision", "num_workers")},
+        **{
+            f"features.{k}": extraction[k]
+            for k in ("channel_mode", "normalize", "resize", "batch_size", "precision", "num_workers")
+        },
         **{f"benchmarks.*.{k}": v for k, v in BENCHMARK_DEFAULTS.items()},
         **of(score_crops, **{"outliers.k": "k", "outliers.min_samples": "min_samples"}),
         **of(bbbc021_well_table, **{f"well_profiles.*.{k}": k for k in ("plate_col", "well_col")}),
@@ -141,12 +163,25 @@ def library_defaults() -> dict[str, object]:
 
 # Keys only the workflow reads (scheduling, file layout, which models to build): no library default.
 WORKFLOW_ONLY = {
-    "chunk_size", "download_cache", "sources.*.role", "sources.*.options", "training.runs.*.threads", "training.runs.*.gpus",
-    "training.runs.*.processes", "features.random_baseline", "features.external.*.in_channels",
-    "features.external.*.input_norm", "outliers.run",
+    "chunk_size",
+    "download_cache",
+    "sources.*.role",
+    "sources.*.options",
+    "training.runs.*.threads",
+    "training.runs.*.gpus",
+    "training.runs.*.processes",
+    "features.random_baseline",
+    "features.external.*.in_channels",
+    "features.external.*.input_norm",
+    "outliers.run",
 }
 # Library settings the config does not expose.
-LIBRARY_ONLY = {"training.runs.*.schedule", "training.runs.*.progress", "training.runs.*.method", "training.runs.*.backbone"}
+LIBRARY_ONLY = {
+    "training.runs.*.schedule",
+    "training.runs.*.progress",
+    "training.runs.*.method",
+    "training.runs.*.backbone",
+}
 
 
 def plain(value):

@@ -276,7 +276,10 @@ def test_upsample_chunk_writes_the_planned_crops(chunk, tmp_path):
         expected_written = 1 if images[row.idx].shape[0] < 140 else row.n_crops_planned
         assert row.n_crops_written == expected_written
     assert len(crops) == report["n_crops_written"].sum()
-    assert crops.groupby("idx").size().to_dict() == report[report["selected"]].set_index("idx")["n_crops_written"].to_dict()
+    assert (
+        crops.groupby("idx").size().to_dict()
+        == report[report["selected"]].set_index("idx")["n_crops_written"].to_dict()
+    )
     assert crops["crop_id"].is_unique
 
     for row in crops.itertuples():

@@ -20,7 +20,6 @@ from cytopretrain.learning import data
 SIZE = 40  # loader output side: the 64 px cells are cropped, the 32 px quadrants enlarged
 
 
-
 @pytest.fixture(scope="module")
 def shard_set(real_cell_shards):
     return real_cell_shards("parquet")
@@ -28,9 +27,7 @@ def shard_set(real_cell_shards):
 
 def loader(shard_set, split="train", **options):
     """A small shuffle buffer, so the ~70 train samples spread over several lanes."""
-    settings = dict(
-        batch_size=6, image_size=SIZE, in_channels=1, seed=5, epoch=0, num_workers=0, shuffle_buffer=8
-    )
+    settings = dict(batch_size=6, image_size=SIZE, in_channels=1, seed=5, epoch=0, num_workers=0, shuffle_buffer=8)
     settings.update(options)
     return data.make_loader(shard_set["dir"], split, **settings)
 
@@ -226,9 +223,7 @@ def test_ranks_get_disjoint_shards_and_equal_batches(shard_set):
         seen.append({c for batch in ids for c in batch})
     assert not (seen[0] & seen[1]) and not (seen[1] & seen[2]) and not (seen[0] & seen[2])
     samples = {
-        s["crop_id"]: row.shard
-        for row in index.itertuples()
-        for s in shards.iter_shard(shard_set["dir"] / row.shard)
+        s["crop_id"]: row.shard for row in index.itertuples() for s in shards.iter_shard(shard_set["dir"] / row.shard)
     }
     shard_sets = [{samples[c] for c in ids} for ids in seen]
     assert not (shard_sets[0] & shard_sets[1]) and not (shard_sets[1] & shard_sets[2])

@@ -58,7 +58,9 @@ def sha(data: bytes) -> str:
 class Behaviour:
     """What the server does for one path: counters are consumed one request at a time."""
 
-    def __init__(self, fail_500: int = 0, drop: int = 0, ignore_range: bool = False, stall: int = 0, status: int | None = None):
+    def __init__(
+        self, fail_500: int = 0, drop: int = 0, ignore_range: bool = False, stall: int = 0, status: int | None = None
+    ):
         self.fail_500 = fail_500
         self.drop = drop
         self.ignore_range = ignore_range
@@ -390,7 +392,10 @@ def test_good_zip_extracts_and_merges_into_existing_folder(tmp_path):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
-@pytest.mark.parametrize("mode, suffix, kind", [("w", ".tar", None), ("w:gz", ".tar.gz", None), ("w:bz2", ".tbz", "tar.bz2"), ("w:xz", ".tar.xz", None)])
+@pytest.mark.parametrize(
+    "mode, suffix, kind",
+    [("w", ".tar", None), ("w:gz", ".tar.gz", None), ("w:bz2", ".tbz", "tar.bz2"), ("w:xz", ".tar.xz", None)],
+)
 def test_good_tar_variants_extract(tmp_path, mode, suffix, kind):
     entries = [("d/one.png", payload(300)), ("d/two.png", payload(400, 2)), ("./three.txt", b"3")]
     archive = make_tar(tmp_path / f"good{suffix}", entries, mode)
@@ -417,8 +422,14 @@ def test_corrupt_archive_is_reported(tmp_path):
 
 def https_resource(server: LoopbackServer, files: list[dict]) -> dict:
     return {
-        "name": "demo", "title": "demo", "database": "test", "adapter": "folder", "licence": "CC0",
-        "homepage": server.url("/"), "citation": "none", "transport": "https",
+        "name": "demo",
+        "title": "demo",
+        "database": "test",
+        "adapter": "folder",
+        "licence": "CC0",
+        "homepage": server.url("/"),
+        "citation": "none",
+        "transport": "https",
         "files": [dl._validate_file_entry(f, dl._Where("test", False), "files") for f in files],
     }
 
@@ -430,10 +441,13 @@ def test_download_source_end_to_end_writes_manifest_and_is_idempotent(server, tm
     server.files["/bbbc/plate.zip"] = zip_bytes
     server.files["/bbbc/meta.csv"] = csv_bytes
     server.rules["/bbbc/plate.zip"] = Behaviour(drop=1)
-    resource = https_resource(server, [
-        {"url": server.url("/bbbc/meta.csv"), "sha256": sha(csv_bytes), "archive": "none"},
-        {"url": server.url("/bbbc/plate.zip"), "archive": "zip", "dest": "images"},
-    ])
+    resource = https_resource(
+        server,
+        [
+            {"url": server.url("/bbbc/meta.csv"), "sha256": sha(csv_bytes), "archive": "none"},
+            {"url": server.url("/bbbc/plate.zip"), "archive": "zip", "dest": "images"},
+        ],
+    )
     target = tmp_path / "download" / "demo"
     manifest = download_source(resource, target, fetch_options=FAST)
 
@@ -493,7 +507,9 @@ def test_download_source_checksum_failure_writes_no_manifest(server, tmp_path):
 
 def test_inline_config_source_over_file_url(tmp_path):
     archive = make_zip(tmp_path / "demo.zip", {"cells/a.png": b"a", "cells/b.png": b"b"})
-    resource = resource_from_config("demo", {"url": archive.as_uri(), "sha256": sha(archive.read_bytes()), "archive": "zip", "adapter": "folder"})
+    resource = resource_from_config(
+        "demo", {"url": archive.as_uri(), "sha256": sha(archive.read_bytes()), "archive": "zip", "adapter": "folder"}
+    )
     manifest = download_source(resource, tmp_path / "out")
     assert manifest["files"][0]["extracted_files"] == 2
     assert (tmp_path / "out" / "cells" / "b.png").read_bytes() == b"b"
@@ -510,8 +526,15 @@ def test_kaggle_without_credentials_says_what_to_provide(monkeypatch, tmp_path):
     with pytest.raises(CredentialsRequired) as err:
         download_source(load_resource("hpa"), tmp_path / "hpa")
     message = str(err.value)
-    for needle in ("kaggle.json", "pip install kaggle", "KAGGLE_USERNAME", "KAGGLE_KEY", "chmod 600",
-                   "human-protein-atlas-image-classification", "path:"):
+    for needle in (
+        "kaggle.json",
+        "pip install kaggle",
+        "KAGGLE_USERNAME",
+        "KAGGLE_KEY",
+        "chmod 600",
+        "human-protein-atlas-image-classification",
+        "path:",
+    ):
         assert needle in message
     assert not (tmp_path / "hpa").exists()
 
@@ -528,18 +551,29 @@ def test_kaggle_with_cli_and_credentials_downloads_and_extracts(monkeypatch, tmp
     monkeypatch.setenv("KAGGLE_USERNAME", "someone")
     monkeypatch.setenv("KAGGLE_KEY", "0123")
     argv_log = tmp_path / "argv.json"
-    fake_tool(tmp_path / "bin", "kaggle", (
-        f"json.dump(sys.argv[1:], open({str(argv_log)!r}, 'w'))\n"
-        "out = sys.argv[sys.argv.index('-p') + 1]\n"
-        "with zipfile.ZipFile(os.path.join(out, 'comp.zip'), 'w') as z:\n"
-        "    z.writestr('train.csv', 'Id,Target\\nabc,0 1\\n')\n"
-        "    z.writestr('train/abc_green.png', 'png')\n"
-    ))
+    fake_tool(
+        tmp_path / "bin",
+        "kaggle",
+        (
+            f"json.dump(sys.argv[1:], open({str(argv_log)!r}, 'w'))\n"
+            "out = sys.argv[sys.argv.index('-p') + 1]\n"
+            "with zipfile.ZipFile(os.path.join(out, 'comp.zip'), 'w') as z:\n"
+            "    z.writestr('train.csv', 'Id,Target\\nabc,0 1\\n')\n"
+            "    z.writestr('train/abc_green.png', 'png')\n"
+        ),
+    )
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
     target = tmp_path / "hpa"
     manifest = download_source(load_resource("hpa"), target)
     args = json.loads(argv_log.read_text())
-    assert args == ["competitions", "download", "-c", "human-protein-atlas-image-classification", "-p", str(target / ".downloads")]
+    assert args == [
+        "competitions",
+        "download",
+        "-c",
+        "human-protein-atlas-image-classification",
+        "-p",
+        str(target / ".downloads"),
+    ]
     assert (target / "train" / "abc_green.png").read_text() == "png"
     assert manifest["files"][0]["extracted_files"] == 2
     assert manifest["files"][0]["sha256"] == sha((target / ".downloads" / "comp.zip").read_bytes())
@@ -567,11 +601,15 @@ def test_aspera_with_ascp_runs_it(monkeypatch, tmp_path):
     key.write_text("key")
     monkeypatch.setenv("ASPERA_KEY", str(key))
     argv_log = tmp_path / "argv.json"
-    fake_tool(tmp_path / "bin", "ascp", (
-        f"json.dump(sys.argv[1:], open({str(argv_log)!r}, 'w'))\n"
-        "os.makedirs(os.path.join(sys.argv[-1], 'screenA'), exist_ok=True)\n"
-        "open(os.path.join(sys.argv[-1], 'screenA', 'p1.tif'), 'wb').write(b'1234')\n"
-    ))
+    fake_tool(
+        tmp_path / "bin",
+        "ascp",
+        (
+            f"json.dump(sys.argv[1:], open({str(argv_log)!r}, 'w'))\n"
+            "os.makedirs(os.path.join(sys.argv[-1], 'screenA'), exist_ok=True)\n"
+            "open(os.path.join(sys.argv[-1], 'screenA', 'p1.tif'), 'wb').write(b'1234')\n"
+        ),
+    )
     monkeypatch.setenv("PATH", str(tmp_path / "bin"))
     manifest = download_source(load_resource("idr0017"), tmp_path / "idr")
     args = json.loads(argv_log.read_text())
@@ -646,19 +684,22 @@ files:
 """
 
 
-@pytest.mark.parametrize("edit, key", [
-    (lambda t: t.replace("title: t\n", ""), "title"),
-    (lambda t: t.replace("adapter: folder", "adapter: nope"), "adapter"),
-    (lambda t: t.replace("transport: https", "transport: ftp"), "transport"),
-    (lambda t: t + "    sha256: abc\n", "files[0].sha256"),
-    (lambda t: t + "    archive: rar\n", "files[0].archive"),
-    (lambda t: t + "    dest: ../up\n", "files[0].dest"),
-    (lambda t: t + "  - url: https://example.org/sub/a.zip\n", "files[1].url"),
-    (lambda t: t + "colour: blue\n", "colour"),
-    (lambda t: t.replace("transport: https", "transport: kaggle"), "kaggle"),
-    (lambda t: t.replace("transport: https", "transport: manual"), "instructions"),
-    (lambda t: t.replace("name: bad", "name: other"), "name"),
-])
+@pytest.mark.parametrize(
+    "edit, key",
+    [
+        (lambda t: t.replace("title: t\n", ""), "title"),
+        (lambda t: t.replace("adapter: folder", "adapter: nope"), "adapter"),
+        (lambda t: t.replace("transport: https", "transport: ftp"), "transport"),
+        (lambda t: t + "    sha256: abc\n", "files[0].sha256"),
+        (lambda t: t + "    archive: rar\n", "files[0].archive"),
+        (lambda t: t + "    dest: ../up\n", "files[0].dest"),
+        (lambda t: t + "  - url: https://example.org/sub/a.zip\n", "files[1].url"),
+        (lambda t: t + "colour: blue\n", "colour"),
+        (lambda t: t.replace("transport: https", "transport: kaggle"), "kaggle"),
+        (lambda t: t.replace("transport: https", "transport: manual"), "instructions"),
+        (lambda t: t.replace("name: bad", "name: other"), "name"),
+    ],
+)
 def test_invalid_source_description_names_file_and_key(tmp_path, edit, key):
     path = tmp_path / "bad.yaml"
     path.write_text(edit(GOOD_YAML.format(name="bad")))
@@ -671,7 +712,13 @@ def test_valid_description_gets_defaults(tmp_path):
     path = tmp_path / "good.yaml"
     path.write_text(GOOD_YAML.format(name="good"))
     (item,) = load_resource(path)["files"]
-    assert item == {"url": "https://example.org/a.zip", "sha256": None, "archive": "zip", "dest": ".", "filename": "a.zip"}
+    assert item == {
+        "url": "https://example.org/a.zip",
+        "sha256": None,
+        "archive": "zip",
+        "dest": ".",
+        "filename": "a.zip",
+    }
 
 
 def test_missing_or_broken_description_is_reported(tmp_path):
@@ -689,9 +736,19 @@ def test_missing_or_broken_description_is_reported(tmp_path):
 
 def test_config_forms_become_resources():
     digest = "ab" * 32
-    single = resource_from_config("mine", {"url": "https://example.org/x/data.tar.gz", "sha256": digest, "adapter": "manifest"})
+    single = resource_from_config(
+        "mine", {"url": "https://example.org/x/data.tar.gz", "sha256": digest, "adapter": "manifest"}
+    )
     assert single["transport"] == "https" and single["adapter"] == "manifest"
-    assert single["files"] == [{"url": "https://example.org/x/data.tar.gz", "sha256": digest, "archive": "tar.gz", "dest": ".", "filename": "data.tar.gz"}]
+    assert single["files"] == [
+        {
+            "url": "https://example.org/x/data.tar.gz",
+            "sha256": digest,
+            "archive": "tar.gz",
+            "dest": ".",
+            "filename": "data.tar.gz",
+        }
+    ]
     several = resource_from_config("many", {"urls": ["https://e.org/a.zip", "https://e.org/b.bin"], "archive": "none"})
     assert [f["archive"] for f in several["files"]] == ["none", "none"] and several["adapter"] == "folder"
     named = resource_from_config("bbbc021_full", {"resource": "bbbc021", "options": {"k": 1}, "role": "benchmark"})
@@ -699,19 +756,22 @@ def test_config_forms_become_resources():
     assert len(named["files"]) == 58
 
 
-@pytest.mark.parametrize("spec, key", [
-    ({"url": "https://e.org/a.zip", "sha256": "xyz"}, "sources.s.sha256"),
-    ({"url": "https://e.org/a.zip", "archive": "rar"}, "sources.s.archive"),
-    ({"url": "ftp://e.org/a.zip"}, "sources.s.url"),
-    ({"urls": ["https://e.org/1/a.zip", "https://e.org/2/a.zip"]}, "sources.s.urls"),
-    ({"urls": "https://e.org/a.zip"}, "sources.s.urls"),
-    ({"resource": "rxrx1", "adapter": "nope"}, "sources.s.adapter"),
-    ({"resource": "no_such_source"}, "sources.s.resource"),
-    ({"resource": "rxrx1", "sha256": "ab" * 32}, "sources.s.sha256"),
-    ({"url": "https://e.org/a.zip", "colour": 1}, "sources.s.colour"),
-    ({"url": "https://e.org/a.zip", "urls": ["https://e.org/b.zip"]}, "sources.s:"),
-    ({"adapter": "folder"}, "sources.s:"),
-])
+@pytest.mark.parametrize(
+    "spec, key",
+    [
+        ({"url": "https://e.org/a.zip", "sha256": "xyz"}, "sources.s.sha256"),
+        ({"url": "https://e.org/a.zip", "archive": "rar"}, "sources.s.archive"),
+        ({"url": "ftp://e.org/a.zip"}, "sources.s.url"),
+        ({"urls": ["https://e.org/1/a.zip", "https://e.org/2/a.zip"]}, "sources.s.urls"),
+        ({"urls": "https://e.org/a.zip"}, "sources.s.urls"),
+        ({"resource": "rxrx1", "adapter": "nope"}, "sources.s.adapter"),
+        ({"resource": "no_such_source"}, "sources.s.resource"),
+        ({"resource": "rxrx1", "sha256": "ab" * 32}, "sources.s.sha256"),
+        ({"url": "https://e.org/a.zip", "colour": 1}, "sources.s.colour"),
+        ({"url": "https://e.org/a.zip", "urls": ["https://e.org/b.zip"]}, "sources.s:"),
+        ({"adapter": "folder"}, "sources.s:"),
+    ],
+)
 def test_bad_config_entries_name_the_key(spec, key):
     with pytest.raises(ResourceError) as err:
         resource_from_config("s", spec)

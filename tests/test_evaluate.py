@@ -60,6 +60,7 @@ def clustered():
 
 # --- helpers -------------------------------------------------------------------------------
 
+
 def test_metadata_and_feature_columns():
     frame = table({"idx": [1, 2], "label": ["a", "b"]}, [[1.0, 2.0], [3.0, 4.0]])
     assert metadata_columns(frame) == ["Metadata_idx", "Metadata_label"]
@@ -77,12 +78,15 @@ def test_result_fields_and_ci():
     result = accuracy_result("x", np.array(["a", "a", "b", "b"]), ["a", "b", "b", None])
     assert (result["n"], result["correct"], result["accuracy"]) == (4, 2, 0.5)
     assert result["ci95"] == pytest.approx(1.96 * np.sqrt(0.25 / 4))
-    assert result["per_class"] == {"a": {"n": 2, "correct": 1, "accuracy": 0.5},
-                                   "b": {"n": 2, "correct": 1, "accuracy": 0.5}}
+    assert result["per_class"] == {
+        "a": {"n": 2, "correct": 1, "accuracy": 0.5},
+        "b": {"n": 2, "correct": 1, "accuracy": 0.5},
+    }
     assert result["confusion"] == {"labels": ["a", "b", "<none>"], "matrix": [[1, 1, 0], [0, 1, 1], [0, 0, 0]]}
 
 
 # --- knn_loo (CyCLOPS) ------------------------------------------------------------------------
+
 
 def test_knn_loo_by_hand():
     # 1-D values: z-scoring is an increasing affine map, so neighbours are those of the values.
@@ -116,17 +120,20 @@ def test_knn_loo_matches_sklearn(clustered):
     for i in np.flatnonzero(strict)[:40]:
         keep = np.arange(len(labels)) != i
         model = KNeighborsClassifier(n_neighbors=11).fit(z[keep], labels[keep])
-        classifier_predictions.append(model.predict(z[i:i + 1])[0] == expected[i])
+        classifier_predictions.append(model.predict(z[i : i + 1])[0] == expected[i])
     assert all(classifier_predictions)
 
 
 # --- knn_holdout (COOS-7) -----------------------------------------------------------------
 
+
 def test_knn_holdout_by_hand():
     # Training features are +-1 in both columns: mean 0, population std 1, so z = raw values.
     frame = table(
-        {"label": ["A", "B", "A", "B", "A", "A", "B"],
-         "split": ["train", "train", "train", "train", "test1", "test1", "test2"]},
+        {
+            "label": ["A", "B", "A", "B", "A", "A", "B"],
+            "split": ["train", "train", "train", "train", "test1", "test1", "test2"],
+        },
         [[-1, -1], [1, 1], [-1, 1], [1, -1], [-0.9, -0.8], [0.8, 0.9], [0.9, -0.9]],
     )
     # k=3. (-0.9,-0.8): (-1,-1) A 0.05, (-1,1) A 3.25, (1,-1) B 3.65 -> A, right.
@@ -157,13 +164,17 @@ def test_knn_holdout_matches_sklearn(clustered):
     assert result["n"] == (~train).sum()
     # A scaler fit on all rows would see the shifted test2 domain and change neighbours.
     everything = StandardScaler().fit(features)
-    _, wrong = NearestNeighbors(n_neighbors=11).fit(everything.transform(features[train])).kneighbors(
-        everything.transform(features[splits == "test2"]))
+    _, wrong = (
+        NearestNeighbors(n_neighbors=11)
+        .fit(everything.transform(features[train]))
+        .kneighbors(everything.transform(features[splits == "test2"]))
+    )
     _, right = model.kneighbors(scaler.transform(features[splits == "test2"]))
     assert not np.array_equal(wrong, right)
 
 
 # --- BBBC021 NSC / NSCB ---------------------------------------------------------------------
+
 
 def moa_table(batches: list[str]) -> pd.DataFrame:
     """Six treatments with hand-checkable cosines, a DMSO row and a row without MOA.
@@ -175,10 +186,12 @@ def moa_table(batches: list[str]) -> pd.DataFrame:
     The DMSO row (50, 50) would shift the scaler if it were not dropped first.
     """
     return table(
-        {"compound": ["P", "Q", "R", "S", "U", "V", "DMSO", "Z"],
-         "concentration": [1.0] * 8,
-         "moa": ["M1", "M1", "M2", "M2", "M3", "M3", "DMSO", None],
-         "batch": batches + ["W1", "W1"]},
+        {
+            "compound": ["P", "Q", "R", "S", "U", "V", "DMSO", "Z"],
+            "concentration": [1.0] * 8,
+            "moa": ["M1", "M1", "M2", "M2", "M3", "M3", "DMSO", None],
+            "batch": batches + ["W1", "W1"],
+        },
         [[3, 1], [1, 3], [-1, -3], [-3, -1], [2, -2], [-2, 2], [50, 50], [7, 7]],
     )
 
@@ -269,7 +282,9 @@ def test_nsc_image_level_matches_independent_computation(aggregate):
 def test_bbbc021_ljosa_per_well_profiles():
     result = ev.bbbc021_from_well_profiles(
         BBBC021 / "ljosa_jbiomolscreen_2013_per_well_mean.csv.gz",
-        BBBC021 / "BBBC021_v1_image.csv.gz", BBBC021 / "BBBC021_v1_moa.csv")
+        BBBC021 / "BBBC021_v1_image.csv.gz",
+        BBBC021 / "BBBC021_v1_moa.csv",
+    )
     nsc, nscb = result["nsc"], result["nscb"]
     assert (result["n_wells"], result["n_features"]) == (632, 516)
     assert (nsc["n"], nscb["n"]) == (103, 92)
@@ -285,10 +300,14 @@ def test_bbbc021_ljosa_per_well_profiles():
     images = pd.read_csv(BBBC021 / "BBBC021_v1_image.csv.gz")
     moa = pd.read_csv(BBBC021 / "BBBC021_v1_moa.csv")
     keys = images.drop_duplicates(["Image_Metadata_Plate_DAPI", "Image_Metadata_Well_DAPI"])
-    joined = wells.merge(keys, left_on=["Image_Metadata_Plate", "Image_Metadata_Well"],
-                         right_on=["Image_Metadata_Plate_DAPI", "Image_Metadata_Well_DAPI"])
-    joined = joined.merge(moa, left_on=["Image_Metadata_Compound", "Image_Metadata_Concentration"],
-                          right_on=["compound", "concentration"])
+    joined = wells.merge(
+        keys,
+        left_on=["Image_Metadata_Plate", "Image_Metadata_Well"],
+        right_on=["Image_Metadata_Plate_DAPI", "Image_Metadata_Well_DAPI"],
+    )
+    joined = joined.merge(
+        moa, left_on=["Image_Metadata_Compound", "Image_Metadata_Concentration"], right_on=["compound", "concentration"]
+    )
     joined = joined[joined["compound"] != "DMSO"].reset_index(drop=True)
     z = pd.DataFrame(StandardScaler().fit_transform(joined[wells.columns[2:]]))
     profiles = z.groupby([joined["compound"], joined["concentration"]]).mean()
@@ -300,10 +319,17 @@ def test_bbbc021_ljosa_per_well_profiles():
 
 
 def test_bbbc021_wells_missing_from_image_table(tmp_path):
-    images = pd.DataFrame({"Image_Metadata_Plate_DAPI": ["Week1_1"], "Image_Metadata_Well_DAPI": ["B02"],
-                           "Image_Metadata_Compound": ["taxol"], "Image_Metadata_Concentration": [1.0]})
-    wells = pd.DataFrame({"Image_Metadata_Plate": ["Week1_1", "Week1_1"], "Image_Metadata_Well": ["B02", "C03"],
-                          "f": [1.0, 2.0]})
+    images = pd.DataFrame(
+        {
+            "Image_Metadata_Plate_DAPI": ["Week1_1"],
+            "Image_Metadata_Well_DAPI": ["B02"],
+            "Image_Metadata_Compound": ["taxol"],
+            "Image_Metadata_Concentration": [1.0],
+        }
+    )
+    wells = pd.DataFrame(
+        {"Image_Metadata_Plate": ["Week1_1", "Week1_1"], "Image_Metadata_Well": ["B02", "C03"], "f": [1.0, 2.0]}
+    )
     moa = pd.DataFrame({"compound": ["taxol"], "concentration": [1.0], "moa": ["Microtubule stabilizers"]})
     with pytest.raises(EvaluationError, match="1 well.* not in image_csv.*C03"):
         ev.bbbc021_from_well_profiles(wells, images, moa)
@@ -314,6 +340,7 @@ def test_bbbc021_wells_missing_from_image_table(tmp_path):
 
 
 # --- mean average precision --------------------------------------------------------------
+
 
 def test_map_by_hand():
     # Unit vectors at angles 0 (A), 10 (B), 25 (A), 90 (B) degrees, and C at 200 degrees,
@@ -339,8 +366,15 @@ def test_map_matches_copairs():
     frame = table({"label": [f"L{label}" for label in labels]}, values)
     result = ev.mean_average_precision(frame, block_rows=16)
     meta = frame[["Metadata_label"]]
-    expected = average_precision(meta, values, pos_sameby=["Metadata_label"], pos_diffby=[],
-                                 neg_sameby=[], neg_diffby=["Metadata_label"], progress_bar=False)
+    expected = average_precision(
+        meta,
+        values,
+        pos_sameby=["Metadata_label"],
+        pos_diffby=[],
+        neg_sameby=[],
+        neg_diffby=["Metadata_label"],
+        progress_bar=False,
+    )
     np.testing.assert_allclose(result["average_precision"], expected["average_precision"].to_numpy(), rtol=1e-5)
     per_label = expected.groupby("Metadata_label")["average_precision"].mean()
     for label, value in per_label.items():
@@ -348,6 +382,7 @@ def test_map_matches_copairs():
 
 
 # --- multi-label linear probe --------------------------------------------------------------
+
 
 def multilabel_table(rng: np.random.Generator, n: int) -> tuple[np.ndarray, list[str]]:
     """Label X iff feature 0 > 0, Y iff feature 1 > 0, well apart (|value| >= 3)."""
@@ -361,11 +396,11 @@ def multilabel_table(rng: np.random.Generator, n: int) -> tuple[np.ndarray, list
 def test_multilabel_f1_by_hand():
     rng = np.random.default_rng(1)
     values, labels = multilabel_table(rng, 60)
-    test_values = np.array([[4.0, 4.0, 0, 0, 0], [4.0, -4.0, 0, 0, 0], [-4.0, 4.0, 0, 0, 0],
-                            [4.0, -4.0, 0, 0, 0]])
+    test_values = np.array([[4.0, 4.0, 0, 0, 0], [4.0, -4.0, 0, 0, 0], [-4.0, 4.0, 0, 0, 0], [4.0, -4.0, 0, 0, 0]])
     # Truth of the test rows: X|Y, X, Y, and "" for the last although it looks like X.
-    frame = table({"labels": labels + ["X|Y", "X", "Y", ""], "split": ["train"] * 60 + ["test"] * 4},
-                  np.r_[values, test_values])
+    frame = table(
+        {"labels": labels + ["X|Y", "X", "Y", ""], "split": ["train"] * 60 + ["test"] * 4}, np.r_[values, test_values]
+    )
     result = ev.multilabel_f1(frame, split_col="Metadata_split")
     # The probe answers X, X, Y... as the features say: X predicted on rows 1, 2, 4 of which
     # 1, 2 are true: precision 2/3, recall 1, F1 0.8. Y predicted on rows 1, 3, both true: F1 1.
@@ -400,7 +435,9 @@ def test_multilabel_f1_matches_sklearn_and_split_is_stratified():
     scaler = StandardScaler().fit(values[train])
     with warnings.catch_warnings():  # the constant label "Once" warns
         warnings.simplefilter("ignore")
-        probe = OneVsRestClassifier(LogisticRegression(max_iter=2000)).fit(scaler.transform(values[train]), targets[train])
+        probe = OneVsRestClassifier(LogisticRegression(max_iter=2000)).fit(
+            scaler.transform(values[train]), targets[train]
+        )
     predicted = probe.predict(scaler.transform(values[test]))
     evaluated = targets[test].sum(axis=0) > 0
     expected = f1_score(targets[test][:, evaluated], predicted[:, evaluated], average="macro", zero_division=0)
@@ -408,6 +445,7 @@ def test_multilabel_f1_matches_sklearn_and_split_is_stratified():
 
 
 # --- pair threshold and retrieval ----------------------------------------------------------
+
 
 def test_pair_threshold_by_hand():
     # A rows lie on the x axis, B rows on the y axis: same-class cosine 1, different 0.
@@ -446,6 +484,7 @@ def test_pair_threshold_retrieval_matches_sklearn(clustered):
 
 # --- nn agreement and embeddings -----------------------------------------------------------
 
+
 def test_nn_agreement_by_hand():
     frame = table({"label": ["A", "A", "B", "A", "B"]}, [0.0, 1.0, 5.0, 5.5, 9.0])
     # 0 -> 1 (A, agrees), 1 -> 0 (agrees), 5 -> 5.5 (A, no), 5.5 -> 5 (B, no), 9 -> 5.5 (no).
@@ -458,8 +497,9 @@ def test_embedding_and_agreement_match_sklearn(clustered, method):
     values = clustered[feature_columns(clustered)].to_numpy()
     coordinates = ev.embedding_2d(clustered, method=method, seed=3)
     if method == "fastica":
-        expected = FastICA(2, fun="cube", max_iter=3000, tol=1e-5, whiten="unit-variance",
-                           random_state=3).fit_transform(values)
+        expected = FastICA(
+            2, fun="cube", max_iter=3000, tol=1e-5, whiten="unit-variance", random_state=3
+        ).fit_transform(values)
     else:
         expected = PCA(2, svd_solver="full").fit_transform(values)
     np.testing.assert_allclose(coordinates, expected, rtol=1e-6, atol=1e-9)
@@ -470,6 +510,7 @@ def test_embedding_and_agreement_match_sklearn(clustered, method):
 
 
 # --- outliers ------------------------------------------------------------------------------
+
 
 def test_outlier_scores_by_hand():
     values = np.r_[np.arange(10.0), 100.0]
@@ -501,14 +542,17 @@ def test_outlier_scores_match_sklearn():
 
 # --- bad input -----------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize(
     "call,message",
     [
         (lambda f: ev.knn_loo(f, label_col="Metadata_missing"), "Metadata_missing"),
         (lambda f: ev.knn_holdout(f, split_col="Metadata_fold"), "Metadata_fold"),
         (lambda f: ev.nsc(f), "Metadata_moa"),
-        (lambda f: ev.nscb(f.assign(Metadata_moa="m", Metadata_compound="c", Metadata_concentration=1.0)),
-         "Metadata_batch"),
+        (
+            lambda f: ev.nscb(f.assign(Metadata_moa="m", Metadata_compound="c", Metadata_concentration=1.0)),
+            "Metadata_batch",
+        ),
         (lambda f: ev.mean_average_precision(f, label_col="Metadata_x"), "Metadata_x"),
         (lambda f: ev.multilabel_f1(f), "Metadata_labels"),
         (lambda f: ev.pair_threshold(f, label_col="Metadata_y"), "Metadata_y"),
@@ -524,7 +568,9 @@ def test_outlier_scores_match_sklearn():
     ],
 )
 def test_bad_input(call, message):
-    frame = table({"label": ["a", "b", "a", "b"], "split": ["train", "train", "x", "y"]},
-                  [[0.0, 1.0], [1.0, 0.0], [0.5, 0.5], [2.0, 1.0]])
+    frame = table(
+        {"label": ["a", "b", "a", "b"], "split": ["train", "train", "x", "y"]},
+        [[0.0, 1.0], [1.0, 0.0], [0.5, 0.5], [2.0, 1.0]],
+    )
     with pytest.raises(EvaluationError, match=message):
         call(frame)

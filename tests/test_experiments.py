@@ -36,7 +36,11 @@ def test_cytoimagenet_experiment_uses_the_published_settings():
     assert (labels["min_count"], labels["take_all_max"], labels["prelim_max"]) == (287, 1000, 10000)
     run = config["training"]["runs"]["cytoimagenet"]
     assert (run["method"], run["backbone"], run["image_size"], run["batch_size"], run["lr"]) == (
-        "weak_label", "efficientnet_b0", 224, 64, 0.001
+        "weak_label",
+        "efficientnet_b0",
+        224,
+        64,
+        0.001,
     )
     assert {b["published"] for b in config["benchmarks"].values()} == {"bbbc021_nsc", "coos7", "cyclops"}
 
@@ -49,5 +53,10 @@ def test_bbbc021_profiles_experiment_plans_only_its_evaluation(tmp_path):
     (tmp_path / "config.yaml").write_text((REPO / "config" / "experiments" / "bbbc021_profiles.yaml").read_text())
     plan = check(snakemake(tmp_path, "-n", "--quiet", "rules"))
     counts = dict(re.findall(r"^(\w+)\s+(\d+)$", plan.stdout + plan.stderr, flags=re.MULTILINE))
-    assert counts == {"download": "2", "evaluate_well_profiles": "2", "summarize_evaluation": "1", "all": "1",
-                      "total": "6"}
+    assert counts == {
+        "download": "2",
+        "evaluate_well_profiles": "2",
+        "summarize_evaluation": "1",
+        "all": "1",
+        "total": "6",
+    }

@@ -33,7 +33,11 @@ BBBC_CELLS_OPTIONS = {
     "file": "cells.csv",
     "path_column": "file",
     "columns": {
-        "phenotype": "moa", "compound": "compound", "concentration": "concentration", "plate": "plate", "well": "well"
+        "phenotype": "moa",
+        "compound": "compound",
+        "concentration": "concentration",
+        "plate": "plate",
+        "well": "well",
     },
 }
 EXPECTED_METADATA = ["Metadata_" + c for c in METADATA_COLUMNS]
@@ -188,8 +192,9 @@ def test_features_equal_direct_computation_on_float_yeast_images(yeast, resnet, 
     for row, paths in zip(features_of(profiles), table["channel_paths"]):
         image = read_channels(paths)
         assert image.dtype == np.float32
-        np.testing.assert_allclose(row, direct_features(resnet, image, mode="concat", normalize=normalize),
-                                   rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(
+            row, direct_features(resnet, image, mode="concat", normalize=normalize), rtol=1e-4, atol=1e-5
+        )
 
 
 @pytest.mark.parametrize(
@@ -273,7 +278,9 @@ def test_a_uniform_image_fails_alone_in_a_stack_of_its_shape(tmp_path, resnet):
     rng = np.random.default_rng(21)
     images = [spots((30, 30), rng) for _ in range(4)]
     images[2] = np.full((30, 30, 2), 500, np.uint16)
-    table = generated_table([(f"img{i}", write_tiff_image(tmp_path, f"img{i}", image)) for i, image in enumerate(images)])
+    table = generated_table(
+        [(f"img{i}", write_tiff_image(tmp_path, f"img{i}", image)) for i, image in enumerate(images)]
+    )
     profiles, failures = extract_features(table, resnet, channel_mode="merge", batch_size=8, num_workers=0)
     assert failures["idx"].tolist() == ["img2"] and failures["reason"].tolist() == ["uniform"]
     assert "img2_c0.tif" in failures["detail"].iloc[0]
@@ -315,7 +322,11 @@ def test_loader_threads_give_the_features_of_inline_loading(tmp_path, resnet, mo
     table = generated_table(rows)
     forward_threads = []
     forward = InferenceBackbone.forward
-    monkeypatch.setattr(InferenceBackbone, "forward", lambda m, x: forward_threads.append(threading.current_thread().name) or forward(m, x))
+    monkeypatch.setattr(
+        InferenceBackbone,
+        "forward",
+        lambda m, x: forward_threads.append(threading.current_thread().name) or forward(m, x),
+    )
     threads = torch.get_num_threads()
     loaded, _ = extract_features(table, resnet, channel_mode="concat", batch_size=4, num_workers=2)
     assert torch.get_num_threads() == threads
@@ -512,7 +523,9 @@ def test_a_trained_runs_backbone_file_extracts_like_the_direct_recipe(tiny_model
     for row, paths in zip(features_of(profiles), table["channel_paths"]):
         expected = direct_features(backbone, read_channels(paths), mode="merge", normalize=True)
         np.testing.assert_allclose(row, expected, rtol=1e-4, atol=1e-5)
-    untrained, _ = extract_features(table, random_init_backbone("resnet18", seed=card["settings"]["seed"]), channel_mode="merge")
+    untrained, _ = extract_features(
+        table, random_init_backbone("resnet18", seed=card["settings"]["seed"]), channel_mode="merge"
+    )
     assert not np.allclose(features_of(untrained), features_of(profiles), atol=1e-3)
 
 

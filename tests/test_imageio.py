@@ -31,8 +31,9 @@ def write_png(path: Path, array: np.ndarray) -> None:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
     header = struct.pack(">IIBBBBB", array.shape[1], array.shape[0], depth, colour, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw))
-                     + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+    )
 
 
 def random_image(shape: tuple[int, ...], dtype: str) -> np.ndarray:
@@ -61,7 +62,11 @@ def test_tiff_single_page_keeps_dtype_and_values(tmp_path, dtype):
 
 
 PLAIN_TIFFS = {  # written by tifffile: read without it, to the same array
-    "uint8": {}, "int16": {}, "uint32": {}, "float16": {}, "float64": {},
+    "uint8": {},
+    "int16": {},
+    "uint32": {},
+    "float16": {},
+    "float64": {},
     "big-endian uint16": {"byteorder": ">"},
     "strips of 7 rows": {"rowsperstrip": 7},
     "resolution and software tags": {"resolution": (3.0, 3.0), "software": "scope 1.0", "datetime": True},

@@ -96,8 +96,7 @@ def tied_sets(metric: str) -> tuple[np.ndarray, np.ndarray]:
 @pytest.mark.parametrize("metric", ["euclidean", "cosine"])
 def test_ties_and_duplicates_break_by_index(metric, precision):
     queries, reference = tied_sets(metric)
-    result = knn_search(queries, reference, 9, metric=metric, precision=precision,
-                        shortlist_margin=2, **SMALL_BLOCKS)
+    result = knn_search(queries, reference, 9, metric=metric, precision=precision, shortlist_margin=2, **SMALL_BLOCKS)
     expected_d, expected_i = brute_force(queries, reference, 9, metric)
     np.testing.assert_array_equal(result.indices, expected_i)
     np.testing.assert_allclose(result.distances, expected_d, rtol=1e-12, atol=1e-15)
@@ -130,11 +129,20 @@ def test_group_exclusion(random_sets, metric, precision):
     rng = np.random.default_rng(11)
     # Two criteria (e.g. compound, batch) with distinct code ranges; -1 pads a missing code.
     query_groups = np.stack([rng.integers(0, 30, len(queries)), rng.integers(100, 104, len(queries))], 1)
-    reference_groups = np.stack([rng.integers(0, 30, len(reference)), rng.integers(100, 104, len(reference)),
-                                 np.full(len(reference), -1)], 1)
+    reference_groups = np.stack(
+        [rng.integers(0, 30, len(reference)), rng.integers(100, 104, len(reference)), np.full(len(reference), -1)], 1
+    )
     reference_groups[::5, 2] = 100  # these rows belong to batch 100 as well
-    distances, indices = knn(queries, reference, 5, metric=metric, precision=precision,
-                             query_groups=query_groups, reference_groups=reference_groups, **SMALL_BLOCKS)
+    distances, indices = knn(
+        queries,
+        reference,
+        5,
+        metric=metric,
+        precision=precision,
+        query_groups=query_groups,
+        reference_groups=reference_groups,
+        **SMALL_BLOCKS,
+    )
     # Excluded where any query code equals any (non-padding) reference code.
     equal = query_groups[:, None, :, None] == reference_groups[None, :, None, :]
     excluded = (equal & (reference_groups >= 0)[None, :, None, :]).any(axis=(2, 3))
@@ -151,7 +159,7 @@ def test_striped_selection_returns_the_smallest_values_of_each_row(width):
     keys = torch.from_numpy(rng.integers(0, 50, size=(40, width)).astype(np.float32)).to(torch.bfloat16)
     keys[rng.random(keys.shape) < 0.2] = torch.inf
     keys[0, :] = 100
-    keys[0, 7::width // 32] = -1  # one whole group holds the row's smallest values
+    keys[0, 7 :: width // 32] = -1  # one whole group holds the row's smallest values
     keys[1, :] = 100
     keys[1, -3:] = -1
     values, columns = _smallest_per_row(keys, 9)
@@ -166,8 +174,15 @@ def test_wide_reference_tiles_match_brute_force(precision):
     # Tiles wide enough for the striped selection, with a partial last tile and a tail.
     rng = np.random.default_rng(3)
     reference = rng.normal(size=(3000, 24)).astype(np.float32)
-    found_d, found_i = knn(reference[:200], reference, 5, precision=precision, block_size=128,
-                           reference_block_size=1100, shortlist_margin=3)
+    found_d, found_i = knn(
+        reference[:200],
+        reference,
+        5,
+        precision=precision,
+        block_size=128,
+        reference_block_size=1100,
+        shortlist_margin=3,
+    )
     expected_d, expected_i = brute_force(reference[:200], reference, 5)
     np.testing.assert_array_equal(found_i, expected_i)
     np.testing.assert_allclose(found_d, expected_d, rtol=1e-9, atol=1e-12)

@@ -29,9 +29,7 @@ def table(n: int, **columns) -> pd.DataFrame:
     frame["idx"] = [f"t-{i}" for i in range(n)]
     frame["name"] = "src"
     for column, values in columns.items():
-        frame[column] = pd.Series(
-            values if isinstance(values, list) else [values] * n, dtype=object
-        )
+        frame[column] = pd.Series(values if isinstance(values, list) else [values] * n, dtype=object)
     return frame
 
 
@@ -78,12 +76,7 @@ def test_split_tokens_whole_pieces_stripped_deduplicated():
 
 def test_labels_match_whole_tokens_only():
     compound = (
-        ["dmso"] * 3
-        + ["dmso2"] * 4
-        + ["dmso2|taxol"] * 2
-        + [" dmso | taxol"]
-        + ["(+)-camptothecin"] * 2
-        + [""] * 3
+        ["dmso"] * 3 + ["dmso2"] * 4 + ["dmso2|taxol"] * 2 + [" dmso | taxol"] + ["(+)-camptothecin"] * 2 + [""] * 3
     )
     visible = ["tubulin|actin"] * 5 + ["f-actin"] * 6 + ["nucleus||actin"] * 4
     frame = table(15, compound=compound, cell_visible=visible)
@@ -132,9 +125,7 @@ def test_ties_follow_column_order_then_token():
         organism=["zebra"] * 3 + ["yak"] * 3 + [""] * 3,
         compound=[""] * 6 + ["x"] * 3,
     )
-    _, report = assign_weak_labels(
-        frame, columns=("organism", "compound"), min_count=3, take_all_max=10, prelim_max=10
-    )
+    _, report = assign_weak_labels(frame, columns=("organism", "compound"), min_count=3, take_all_max=10, prelim_max=10)
     assert list(zip(report.category, report.token)) == [
         ("organism", "yak"),
         ("organism", "zebra"),
@@ -160,12 +151,8 @@ def test_same_token_in_two_columns_is_two_labels_with_distinct_names():
 
 
 def test_take_all_up_to_the_limit_then_exactly_the_limit():
-    frame = table(
-        30, compound=["a"] * 10 + ["b"] * 11 + [""] * 9, cell_type=[f"c{i % 4}" for i in range(30)]
-    )
-    selection, report = assign_weak_labels(
-        frame, columns=("compound",), min_count=2, take_all_max=10, prelim_max=20
-    )
+    frame = table(30, compound=["a"] * 10 + ["b"] * 11 + [""] * 9, cell_type=[f"c{i % 4}" for i in range(30)])
+    selection, report = assign_weak_labels(frame, columns=("compound",), min_count=2, take_all_max=10, prelim_max=20)
     a, b = report_row(report, "a", "compound"), report_row(report, "b", "compound")
     assert (a.outcome, a.n_selected) == ("taken_all", 10)
     assert (b.outcome, b.n_selected) == ("downsampled", 10)
@@ -212,9 +199,7 @@ def test_preliminary_pass_is_proportional_over_dataset_organism_and_cell_type():
         cell_type=list(rng.choice(["hela", "u2os", "rpe"], n)),
     )
     # take_all_max == prelim_max: the second pass keeps all, so the first pass is observable.
-    selection, report = assign_weak_labels(
-        frame, columns=("gene",), min_count=10, take_all_max=500, prelim_max=500
-    )
+    selection, report = assign_weak_labels(frame, columns=("gene",), min_count=10, take_all_max=500, prelim_max=500)
     assert report_row(report, "kif11 targeted", "gene").outcome == "downsampled_prelim"
     chosen = frame.iloc[rows_of(selection, "kif11 targeted", "gene")]
     keys = ["name", "organism", "cell_type"]
@@ -223,9 +208,7 @@ def test_preliminary_pass_is_proportional_over_dataset_organism_and_cell_type():
 
 def test_two_stage_downsampling_gives_the_final_size():
     frame = table(2500, compound="y", cell_type=[f"c{i % 9}" for i in range(2500)])
-    selection, report = assign_weak_labels(
-        frame, columns=("compound",), min_count=5, take_all_max=40, prelim_max=300
-    )
+    selection, report = assign_weak_labels(frame, columns=("compound",), min_count=5, take_all_max=40, prelim_max=300)
     y = report_row(report, "y", "compound")
     assert (y.outcome, y.n_available, y.n_selected) == ("downsampled_prelim", 2500, 40)
     assert len(rows_of(selection, "y", "compound")) == 40
@@ -306,9 +289,7 @@ def test_empty_and_label_free_tables():
 
 
 def test_outputs_fit_their_parquet_schemas(tmp_path):
-    selection, report = assign_weak_labels(
-        make_metadata(3000, seed=1), min_count=20, take_all_max=60, prelim_max=600
-    )
+    selection, report = assign_weak_labels(make_metadata(3000, seed=1), min_count=20, take_all_max=60, prelim_max=600)
     write_table(selection, tmp_path / "selection.parquet", schema=SELECTION_SCHEMA)
     write_table(report, tmp_path / "report.parquet", schema=REPORT_SCHEMA)
     back = read_table(tmp_path / "report.parquet")
@@ -327,9 +308,7 @@ def reference_candidates(meta: pd.DataFrame, columns, min_count: int) -> tuple[l
             for token in {piece.strip() for piece in value.split("|")} - {""}:
                 holders.setdefault((category, token), set()).add(row)
     position = {c: i for i, c in enumerate(columns)}
-    candidates = sorted(
-        ((len(rows), position[c], t) for (c, t), rows in holders.items() if len(rows) >= min_count)
-    )
+    candidates = sorted(((len(rows), position[c], t) for (c, t), rows in holders.items() if len(rows) >= min_count))
     return [(columns[p], t, n) for n, p, t in candidates], holders
 
 
@@ -348,9 +327,7 @@ def test_matches_a_slow_reference_on_a_realistic_table(seed):
     seen_outcomes = set()
     for (category, token, _), got in zip(candidates, report.itertuples()):
         available = holders[(category, token)] - used
-        chosen = set(
-            position[selection.idx[(selection.label.map(bare) == token) & (selection.category == category)]]
-        )
+        chosen = set(position[selection.idx[(selection.label.map(bare) == token) & (selection.category == category)]])
         if len(available) < min_count:
             expected, size = "skipped_below_min", 0
         elif len(available) <= take_all_max:
@@ -370,9 +347,7 @@ def test_matches_a_slow_reference_on_a_realistic_table(seed):
             strata = list(final_strata(category))
             pool = meta.iloc[sorted(available)]
             picked = meta.iloc[sorted(chosen)]
-            check_largest_remainder(
-                pool.groupby(strata).size(), picked.groupby(strata).size(), size
-            )
+            check_largest_remainder(pool.groupby(strata).size(), picked.groupby(strata).size(), size)
         used |= chosen
     assert seen_outcomes == {"skipped_below_min", "taken_all", "downsampled", "downsampled_prelim"}
     assert selection.idx.is_unique
@@ -380,9 +355,7 @@ def test_matches_a_slow_reference_on_a_realistic_table(seed):
     # Assignment order: the labels appear in the selection in visiting order.
     first_seen = selection.drop_duplicates(["category", "label"])
     taken = report[report.n_selected > 0]
-    assert list(zip(first_seen.category, first_seen.label)) == list(
-        zip(taken.category, taken.label)
-    )
+    assert list(zip(first_seen.category, first_seen.label)) == list(zip(taken.category, taken.label))
 
 
 # --- real metadata -----------------------------------------------------------------------------
@@ -424,9 +397,7 @@ def test_real_bbbc021_metadata():
     taxol = report_row(report, "taxol", "compound")
     assert (taxol.outcome, taxol.n_selected) == ("downsampled_prelim", 150)
     # "dmso" is both a compound and a MOA: two labels, the compound first (column order).
-    dmso_compound, dmso_moa = report_row(report, "dmso", "compound"), report_row(
-        report, "dmso", "phenotype"
-    )
+    dmso_compound, dmso_moa = report_row(report, "dmso", "compound"), report_row(report, "dmso", "phenotype")
     assert dmso_compound.order < dmso_moa.order
     assert (dmso_compound.label, dmso_moa.label) == ("dmso [compound]", "dmso [phenotype]")
     assert dmso_moa.n_available == dmso_moa.n_total - 150

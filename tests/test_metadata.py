@@ -40,9 +40,7 @@ def synthetic_table(source: str, n: int, seed: int = 0) -> pd.DataFrame:
             "gene": rng.choice(["tp53 targeted", "", "brca1 targeted|tp53 targeted"], n),
             "microscopy": rng.choice(["fluorescence", "brightfield"], n),
             "channels": "dna|actin",
-            "channel_paths": [
-                [f"/data/{source}/{i}_dna.tif", f"/data/{source}/{i}_actin.tif"] for i in range(n)
-            ],
+            "channel_paths": [[f"/data/{source}/{i}_dna.tif", f"/data/{source}/{i}_actin.tif"] for i in range(n)],
             "concentration": rng.random(n),
         }
     )

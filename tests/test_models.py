@@ -115,7 +115,10 @@ def test_first_conv_adaptation_reproduces_rgb_features_of_grey_images(tmp_path, 
 # BatchNorms that do not follow a convolution: DenseNet's pre-activation norms (after a
 # concatenation, or the last block's output); every other one is folded.
 UNFOLDED_NORMS = {
-    "efficientnet_b0": set(), "resnet18": set(), "resnet50": set(), "densenet121": {"norm1", "norm", "norm5"}
+    "efficientnet_b0": set(),
+    "resnet18": set(),
+    "resnet50": set(),
+    "densenet121": {"norm1", "norm", "norm5"},
 }
 
 

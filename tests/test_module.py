@@ -49,8 +49,9 @@ def test_outer_workflow_runs_the_module_and_uses_its_outputs(tmp_path):
     (tmp_path / "Snakefile").write_text(OUTER)
     inner = {
         "chunk_size": 1000,
-        "sources": {"yeast": {"path": str(DATA / "yeast_toy" / "images"), "adapter": "cyclops",
-                              "options": {"category": "gene"}}},
+        "sources": {
+            "yeast": {"path": str(DATA / "yeast_toy" / "images"), "adapter": "cyclops", "options": {"category": "gene"}}
+        },
         "labels": {"min_count": 50, "take_all_max": 300, "prelim_max": 600},
         "crops": {"rules": [[300, 1], [0, 2]], "min_crop_side": 24, "min_image_side": 48},
         "quality_control": {"min_images_per_label": 50},
@@ -58,7 +59,11 @@ def test_outer_workflow_runs_the_module_and_uses_its_outputs(tmp_path):
     (tmp_path / "config.yaml").write_text(yaml.safe_dump({"cytopretrain": inner}))
     result = subprocess.run(
         [sys.executable, "-m", "snakemake", "--cores", "2"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=900, check=False,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
     )
     assert result.returncode == 0, result.stderr[-5000:]
     index = load_index(tmp_path / "results" / "shards")

@@ -77,9 +77,17 @@ def shard_dir(tmp_path_factory):
         h, w = pixels.shape[:2]
         rows.append(
             {
-                "crop_id": f"cell-{number}-c0", "idx": f"cell-{number}", "label": row.moa.lower(),
-                "category": "phenotype", "crop": False, "scaling": 1.0,
-                "x_min": 0, "x_max": w, "y_min": 0, "y_max": h, **encode_pixels(pixels),
+                "crop_id": f"cell-{number}-c0",
+                "idx": f"cell-{number}",
+                "label": row.moa.lower(),
+                "category": "phenotype",
+                "crop": False,
+                "scaling": 1.0,
+                "x_min": 0,
+                "x_max": w,
+                "y_min": 0,
+                "y_max": h,
+                **encode_pixels(pixels),
             }
         )
     with ParquetStreamWriter(folder / "crops.parquet", CROP_SCHEMA, rows_per_group=8) as writer:
@@ -93,8 +101,13 @@ def shard_dir(tmp_path_factory):
         "test metadata",
     )
     shards.write_shards(
-        [folder / "crops.parquet"], pd.DataFrame({"label": labels, "category": "phenotype"}), metadata,
-        folder / "shards", samples_per_shard=10, validation_fraction=0.0, seed=1,
+        [folder / "crops.parquet"],
+        pd.DataFrame({"label": labels, "category": "phenotype"}),
+        metadata,
+        folder / "shards",
+        samples_per_shard=10,
+        validation_fraction=0.0,
+        seed=1,
     )
     return folder / "shards", {row["crop_id"]: row for row in rows}
 
@@ -110,8 +123,10 @@ def test_reconstruction_error_is_relative_to_the_crop(shard_dir):
     for crop_id in ("cell-0-c0", "cell-11-c0"):
         row = rows[crop_id]
         pixels = np.frombuffer(row["pixels"], np.uint8).reshape(row["height"], row["width"], row["n_channels"])
-        planes = [np.asarray(Image.fromarray(pixels[..., c]).resize((32, 32), Image.BILINEAR), np.float64) / 255
-                  for c in range(3)]
+        planes = [
+            np.asarray(Image.fromarray(pixels[..., c]).resize((32, 32), Image.BILINEAR), np.float64) / 255
+            for c in range(3)
+        ]
         tile = np.mean(planes, axis=0)
         with torch.inference_mode():
             rebuilt = method(torch.from_numpy(tile[None, None]).float()).double().numpy()[0, 0]

@@ -376,10 +376,12 @@ def test_weak_label_photometric_views_change_intensity_and_sharpness_but_not_geo
     # Intensity: the mean brightness of a view relative to its cell spreads well beyond noise level.
     ratio = views.mean(dim=(1, 2, 3)) / images.mean(dim=(1, 2, 3))
     assert ratio.std() > 0.1
+
     # Sharpness (Laplacian energy): blur lowers it in some views, noise raises it in others.
     def laplacian_energy(x):
         kernel = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]])[None, None]
         return F.conv2d(x, kernel).pow(2).mean(dim=(1, 2, 3))
+
     sharpness = laplacian_energy(views) / laplacian_energy(images)
     assert (sharpness < 0.5).any() and (sharpness > 2).any()
     for bad in ("yes", 0.5, {"intensity": 1.5}, {"noise": True}, {"hue": 0.5}):
@@ -392,7 +394,8 @@ def test_weak_label_photometric_parts_can_be_tuned_or_turned_off(real_cells):
 
     def views(parts):
         return make_method("weak_label", {"rotate": False, "flip": False, "photometric": parts}).augment_batch(
-            images, generator(5))
+            images, generator(5)
+        )
 
     off = {"intensity": 0, "blur": 0, "noise": 0}
 

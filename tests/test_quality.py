@@ -214,9 +214,18 @@ def random_decisions(seed: int, min_images: int) -> pd.DataFrame:
     for label, (n_kept, n_bad) in plan.items():
         statuses = ["kept"] * n_kept + ["quarantined"] * n_bad
         for i, status in enumerate(rng.permutation(statuses)):
-            rows.append({"crop_id": f"{label}{i}", "idx": f"{label}{i}", "label": label, "category": "gene",
-                         "stage": "quality_control", "status": status,
-                         "reason": "" if status == "kept" else "dim", "detail": ""})
+            rows.append(
+                {
+                    "crop_id": f"{label}{i}",
+                    "idx": f"{label}{i}",
+                    "label": label,
+                    "category": "gene",
+                    "stage": "quality_control",
+                    "status": status,
+                    "reason": "" if status == "kept" else "dim",
+                    "detail": "",
+                }
+            )
     return pd.DataFrame(rows)
 
 

@@ -109,7 +109,6 @@ class Page(HTMLParser):
 # --------------------------------------------------------------------------- inputs
 
 
-
 def real_images() -> list[dict]:
     """Yeast cells (alternately GFP only and GFP + RFP) and BBBC021 cells (DAPI, tubulin, actin)."""
     images = []
@@ -239,9 +238,7 @@ def write_funnel(
     return folder / "funnel.tsv", folder / "quarantine.tsv"
 
 
-def clustered_profiles(
-    n_labels: int, per_label: int, seed: int, splits: list[str] | None = None
-) -> pd.DataFrame:
+def clustered_profiles(n_labels: int, per_label: int, seed: int, splits: list[str] | None = None) -> pd.DataFrame:
     """Rows around one random centre per label (16 features); labels "class-00", ..."""
     rng = np.random.default_rng(seed)
     centres = rng.normal(0, 0.7, (n_labels, 16))
@@ -250,9 +247,7 @@ def clustered_profiles(
     meta = {"Metadata_idx": [f"img-{i}" for i in range(len(labels))], "Metadata_phenotype": labels}
     if splits:
         meta["Metadata_split"] = [splits[i % len(splits)] for i in range(len(labels))]
-    return pd.concat(
-        [pd.DataFrame(meta), pd.DataFrame(features, columns=[f"f{i}" for i in range(16)])], axis=1
-    )
+    return pd.concat([pd.DataFrame(meta), pd.DataFrame(features, columns=[f"f{i}" for i in range(16)])], axis=1)
 
 
 EVALUATIONS = [
@@ -370,9 +365,7 @@ def inputs(tmp_path_factory):
     categories = {im["label"]: im["category"] for im in images}
     kept = pd.DataFrame({"label": labels, "category": [categories[lab] for lab in labels]})
     metadata = conform(
-        pd.DataFrame(
-            [{"idx": im["idx"], "microscopy": "fluorescence", "channel_paths": im["paths"]} for im in images]
-        ),
+        pd.DataFrame([{"idx": im["idx"], "microscopy": "fluorescence", "channel_paths": im["paths"]} for im in images]),
         "test metadata",
     )
     shard_dir = folder / "shards"
@@ -494,9 +487,7 @@ def test_summary_values_are_formatted(built, inputs):
             parts = [result] + list(result.get("splits", {}).values())
             for part in parts:
                 if "accuracy" in part:
-                    acc, ci = part["accuracy"], 1.96 * np.sqrt(
-                        part["accuracy"] * (1 - part["accuracy"]) / part["n"]
-                    )
+                    acc, ci = part["accuracy"], 1.96 * np.sqrt(part["accuracy"] * (1 - part["accuracy"]) / part["n"])
                     assert f"{100 * acc:.1f} ± {100 * ci:.1f} %" in text
                 else:
                     assert f"{100 * part['mean_average_precision']:.1f} %" in text
@@ -504,9 +495,7 @@ def test_summary_values_are_formatted(built, inputs):
     # CytoImageNet preprint Table 2, CyCLOPS: 53.06 / 68.47 / 65.19 / 77.97 %.
     cyclops = summary[(summary["benchmark"] == "cyclops_demo") & (summary["protocol"] == "knn_loo")]
     assert (
-        cyclops[
-            ["paper: random init", "paper: ImageNet", "paper: CytoImageNet", "paper: both"]
-        ].values.tolist()
+        cyclops[["paper: random init", "paper: ImageNet", "paper: CytoImageNet", "paper: both"]].values.tolist()
         == [["53.1 %", "68.5 %", "65.2 %", "78.0 %"]] * 2
     )
     coos = summary[(summary["benchmark"] == "coos7_demo") & (summary["subset"] == "test2")]
@@ -699,9 +688,7 @@ def corrupt(args: dict, name: str, folder: Path) -> tuple[dict, Path]:
     return {**args, name: bad}, bad
 
 
-@pytest.mark.parametrize(
-    "name", ["funnel", "summary", "labels", "quarantine", "outliers", "evaluations", "metrics"]
-)
+@pytest.mark.parametrize("name", ["funnel", "summary", "labels", "quarantine", "outliers", "evaluations", "metrics"])
 def test_malformed_input_raises_naming_the_file(inputs, tmp_path, name):
     args, bad = corrupt(inputs["args"], name, tmp_path)
     out = tmp_path / "report.html"
@@ -715,9 +702,5 @@ def test_missing_shard_raises_naming_the_index(inputs, tmp_path):
     shutil.copytree(inputs["shard_dir"], shard_dir)
     first = pd.read_csv(shard_dir / "index.tsv", sep="\t")["shard"].iloc[0]
     (shard_dir / first).unlink()
-    with pytest.raises(
-        ReportInputError, match=rf"{shard_dir / 'index.tsv'}: shard '{first}' not found"
-    ):
-        report.build_report(
-            **{**inputs["args"], "index": shard_dir / "index.tsv"}, out_html=tmp_path / "r.html"
-        )
+    with pytest.raises(ReportInputError, match=rf"{shard_dir / 'index.tsv'}: shard '{first}' not found"):
+        report.build_report(**{**inputs["args"], "index": shard_dir / "index.tsv"}, out_html=tmp_path / "r.html")

@@ -39,7 +39,6 @@ FRACTION = 0.25
 PER_SHARD = 16
 
 
-
 def crop_windows(image: np.ndarray, n_crops: int) -> list[tuple[np.ndarray, dict]]:
     """The whole image, then quadrants, each with its window columns."""
     h, w = image.shape[:2]
@@ -170,9 +169,7 @@ def dataset(tmp_path_factory):
 def run(dataset, out_dir: Path, **options) -> pd.DataFrame:
     settings = {"samples_per_shard": PER_SHARD, "validation_fraction": FRACTION, "seed": 3}
     settings.update(options)
-    return shards.write_shards(
-        dataset["files"], dataset["kept"], dataset["metadata"], out_dir, **settings
-    )
+    return shards.write_shards(dataset["files"], dataset["kept"], dataset["metadata"], out_dir, **settings)
 
 
 @pytest.fixture(scope="module")
@@ -233,9 +230,7 @@ def test_split_without_groups_small_labels_and_zero_fraction():
     labels = np.array(["a"] * 20 + ["b"] * 3 + ["c"] * 2 + ["d"])
     is_val = shards.stratified_split(labels, fraction=0.1, seed=0)
     counts = {lab: int(is_val[labels == lab].sum()) for lab in "abcd"}
-    assert counts == {
-        lab: expected_validation_images(int((labels == lab).sum()), 0.1) for lab in "abcd"
-    }
+    assert counts == {lab: expected_validation_images(int((labels == lab).sum()), 0.1) for lab in "abcd"}
     assert counts["d"] == 0 and counts["c"] == 1  # 1 image: train only; 2 images: one each side
     assert not shards.stratified_split(labels, fraction=0.0, seed=0).any()
 
@@ -263,9 +258,7 @@ def test_every_crop_is_in_one_shard_or_excluded(dataset, written):
     assert len(excluded) == len(dropped) > 0
     assert set(excluded["reason"]) == {"label_dropped"}
     assert set(excluded["stage"]) == {"write_shards"}
-    assert collections.Counter(excluded["idx"]) == collections.Counter(
-        dataset["crops"][c]["idx"] for c in dropped
-    )
+    assert collections.Counter(excluded["idx"]) == collections.Counter(dataset["crops"][c]["idx"] for c in dropped)
     assert all(any(c in d for c in dropped) for d in excluded["detail"])
     assert index["n_samples"].sum() + len(excluded) == len(dataset["crops"])
 
@@ -428,9 +421,7 @@ def test_tfrecord_shards_read_by_independent_reader(dataset, shard_sets):
             paths = example["channel_paths"]
             paths = [paths] if isinstance(paths, bytes) else list(paths)
             assert [p.decode() for p in paths] == list(parent["channel_paths"])
-            np.testing.assert_array_equal(
-                example["concentration"], np.float32([parent["concentration"]])
-            )
+            np.testing.assert_array_equal(example["concentration"], np.float32([parent["concentration"]]))
             for name in meta.columns.drop(["channel_paths", "concentration"]):
                 assert example[name] == parent[name].encode(), name
     assert n_seen == written["index"]["n_samples"].sum()
@@ -537,9 +528,7 @@ def test_same_seed_same_bytes_other_seed_differs(dataset, tmp_path):
     again = run(dataset, tmp_path / "b", fmt="tfrecord")
     other = run(dataset, tmp_path / "c", fmt="tfrecord", seed=4)
     assert first.equals(again)
-    assert (tmp_path / "a" / "labels.tsv").read_bytes() == (
-        tmp_path / "b" / "labels.tsv"
-    ).read_bytes()
+    assert (tmp_path / "a" / "labels.tsv").read_bytes() == (tmp_path / "b" / "labels.tsv").read_bytes()
     assert set(first["sha256"]).isdisjoint(other["sha256"])
 
 
@@ -547,9 +536,7 @@ def test_rerun_removes_stale_shards(dataset, tmp_path):
     run(dataset, tmp_path, fmt="parquet", samples_per_shard=4)
     index = run(dataset, tmp_path, fmt="parquet", samples_per_shard=1000)
     assert len(index) == 2
-    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.glob("*/shard-*")) == sorted(
-        index["shard"]
-    )
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.glob("*/shard-*")) == sorted(index["shard"])
 
 
 def test_bad_inputs_name_the_problem(dataset, tmp_path):
@@ -567,19 +554,13 @@ def test_bad_inputs_name_the_problem(dataset, tmp_path):
 
     second = pd.read_parquet(files[1], columns=["idx", "label"])
     crop = second[second["label"] != DROPPED_LABEL].iloc[0]
-    with pytest.raises(
-        SchemaError, match=rf"crops-1.parquet.*{crop['idx']}.*absent from the metadata"
-    ):
+    with pytest.raises(SchemaError, match=rf"crops-1.parquet.*{crop['idx']}.*absent from the metadata"):
         shards.write_shards(files, kept, meta[meta["idx"] != crop["idx"]], tmp_path / "out")
 
-    wrong = kept.assign(
-        category=np.where(kept["label"] == crop["label"], "organism", kept["category"])
-    )
+    wrong = kept.assign(category=np.where(kept["label"] == crop["label"], "organism", kept["category"]))
     with pytest.raises(SchemaError, match=rf"{crop['label']}.*category"):
         shards.write_shards(files, wrong, meta, tmp_path / "out")
 
     with pytest.raises(ValueError, match="none of the"):
-        shards.write_shards(
-            files, pd.DataFrame({"label": ["x"], "category": ["gene"]}), meta, tmp_path / "out"
-        )
+        shards.write_shards(files, pd.DataFrame({"label": ["x"], "category": ["gene"]}), meta, tmp_path / "out")
     assert not (tmp_path / "out" / "index.tsv").exists()

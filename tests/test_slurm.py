@@ -32,8 +32,17 @@ pytestmark = pytest.mark.slow
 PROFILE = REPO / "profiles" / "slurm"
 TARGETS = ["results/shards/index.tsv", "results/funnel.tsv"]
 CURATION_RULES = [
-    "generate_synthetic", "download", "clean_metadata", "merge_metadata", "standardize",
-    "assign_labels", "upsample_crops", "quality_control", "select_labels", "write_shards", "funnel",
+    "generate_synthetic",
+    "download",
+    "clean_metadata",
+    "merge_metadata",
+    "standardize",
+    "assign_labels",
+    "upsample_crops",
+    "quality_control",
+    "select_labels",
+    "write_shards",
+    "funnel",
 ]
 TIMEOUT = 900  # seconds for the cluster run; it takes 3 to 5 minutes here
 # The plugin checks job states `init` seconds after a job finished, then 10 s later each time,
@@ -203,7 +212,9 @@ def test_every_job_ran_as_a_slurm_job(cluster_run, partition):
     # The controller still lists the last jobs (MinJobAge): completed, in the partition asked for.
     run_id = re.search(r"SLURM run ID: (\S+)", output).group(1)
     squeue = ["squeue", "--states=all", "--noheader", "--name", run_id, "--format=%i %T %P"]
-    rows = [line.split() for line in subprocess.run(squeue, capture_output=True, text=True, check=True).stdout.splitlines()]
+    rows = [
+        line.split() for line in subprocess.run(squeue, capture_output=True, text=True, check=True).stdout.splitlines()
+    ]
     assert rows and all(state == "COMPLETED" and part == partition for _, state, part in rows)
     assert {job_id for job_id, _, _ in rows} <= job_ids
 

@@ -106,18 +106,13 @@ def test_bbbc021_real_table_and_moa_join():
     ]
     assert row["channels"] == "dna|tubulin|actin"
     assert row["cell_visible"] == "nucleus|microtubules|actin"
-    assert (
-        row["plate"] == first["Image_Metadata_Plate_DAPI"]
-        and row["well"] == first["Image_Metadata_Well_DAPI"]
-    )
+    assert row["plate"] == first["Image_Metadata_Plate_DAPI"] and row["well"] == first["Image_Metadata_Well_DAPI"]
     assert (table["batch"] == table["plate"].str.split("_").str[0]).all()
     assert table["batch"].str.fullmatch(r"Week\d+").all()
     assert (table["concentration"] == images["Image_Metadata_Concentration"]).all()
 
     full = run_adapter("bbbc021", root, "bbbc021", {"path_style": "full"}).table
-    assert full["channel_paths"].iloc[0][0] == str(
-        root / first["Image_PathName_DAPI"] / first["Image_FileName_DAPI"]
-    )
+    assert full["channel_paths"].iloc[0][0] == str(root / first["Image_PathName_DAPI"] / first["Image_FileName_DAPI"])
 
 
 def write_bbbc021(root: Path, drop_column: str | None = None, concentration: str = "0.1") -> None:
@@ -210,9 +205,7 @@ def test_rxrx1_real_incomplete_sites_quarantined_by_default():
     assert (table["channels"] == "nucleus|er|actin|nucleoli|mitochondria|golgi").all()
     assert (table["cell_type"] == table["batch"].str.split("-").str[0].str.lower()).all()
     assert table["channel_paths"].map(len).eq(6).all()
-    assert all(
-        Path(p).name.endswith(f"_w{i + 1}.png") for ps in table["channel_paths"] for i, p in enumerate(ps)
-    )
+    assert all(Path(p).name.endswith(f"_w{i + 1}.png") for ps in table["channel_paths"] for i, p in enumerate(ps))
     # All disk wells are B02, the negative control (UNTREATED): no siRNA.
     assert (table["well"] == "B02").all() and (table["sirna"] == "").all()
     assert set(table["split"]) == {s for s, *_ in sites}
@@ -235,8 +228,7 @@ def test_rxrx1_real_keep_gives_four_channel_rows_with_the_same_ids():
 def test_rxrx1_real_only_present_false_reports_every_metadata_site():
     root = real("rxrx1")
     n_wells = sum(
-        len(pd.read_csv(root / f))
-        for f in ("train.csv", "train_controls.csv", "test.csv", "test_controls.csv")
+        len(pd.read_csv(root / f)) for f in ("train.csv", "train_controls.csv", "test.csv", "test_controls.csv")
     )
     sites = disk_sites(root)
     result = run_adapter("rxrx1", root, "rx", {"only_present": False})
@@ -252,9 +244,7 @@ def write_rxrx1_site(folder: Path, well: str, site: int, channels: range) -> Non
 
 
 def test_rxrx1_kaggle_tree_with_unlisted_site(tmp_path):
-    (tmp_path / "train.csv").write_text(
-        "id_code,experiment,plate,well,sirna\nU2OS-01_1_B03,U2OS-01,1,B03,sirna_7\n"
-    )
+    (tmp_path / "train.csv").write_text("id_code,experiment,plate,well,sirna\nU2OS-01_1_B03,U2OS-01,1,B03,sirna_7\n")
     (tmp_path / "train_controls.csv").write_text(
         "id_code,experiment,plate,well,sirna,well_type\nU2OS-01_1_B02,U2OS-01,1,B02,UNTREATED,negative_control\n"
     )
@@ -395,19 +385,13 @@ def test_cyclops_on_real_yeast_cells_by_protein():
     assert Counter(result.table["gene"]) == expected and result.issues.empty
     assert len(expected) == 5 and sum(expected.values()) == 1642
     assert (result.table["phenotype"] == "").all() and (result.table["organism"] == "yeast").all()
-    assert (
-        result.table["channel_paths"]
-        .map(lambda ps: (ps[0].endswith("_gfp.tif"), ps[1].endswith("_rfp.tif")))
-        .all()
-    )
+    assert result.table["channel_paths"].map(lambda ps: (ps[0].endswith("_gfp.tif"), ps[1].endswith("_rfp.tif"))).all()
 
 
 def test_cyclops_drop_and_merge_labels_reconcile():
     root = real("yeast_toy") / "images"
     per_label = Counter(p.parent.name for p in root.glob("*/*_gfp.tif"))
-    result = run_adapter(
-        "cyclops", root, "yeast", {"drop_labels": ["aah1"], "merge_labels": {"AAC3": "AAC1"}}
-    )
+    result = run_adapter("cyclops", root, "yeast", {"drop_labels": ["aah1"], "merge_labels": {"AAC3": "AAC1"}})
     assert len(result.table) + len(result.issues) == sum(per_label.values())
     assert (result.issues["reason"] == "excluded_label").sum() == per_label["AAH1"]
     counts = Counter(result.table["phenotype"])
@@ -658,7 +642,9 @@ def test_canonical_table_keeps_rows_and_anchors_relative_paths(tmp_path):
     frame = make_metadata(500, seed=2)
     frame.at[0, "channel_paths"] = ["rel/a.tif", "/abs/b.tif"]
     frame.at[0, "channels"] = "a|b"
-    pq.write_table(pa.Table.from_pandas(frame, schema=CANONICAL_SCHEMA, preserve_index=False), tmp_path / "metadata.parquet")
+    pq.write_table(
+        pa.Table.from_pandas(frame, schema=CANONICAL_SCHEMA, preserve_index=False), tmp_path / "metadata.parquet"
+    )
     table = run_adapter("canonical", tmp_path, "c", {}).table
     assert len(table) == 500 and list(table["idx"]) == list(frame["idx"])
     assert table.at[0, "channel_paths"] == [str(tmp_path.resolve() / "rel" / "a.tif"), "/abs/b.tif"]

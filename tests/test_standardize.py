@@ -265,8 +265,18 @@ def test_chunk_threads_and_keep_mode(tmp_path, chunk_table):
 
 def test_chunk_accepts_a_canonical_table_read_back_from_parquet(tmp_path):
     paths = [write_tiff(tmp_path / f"c{c}.tif", microscopy_like((32, 32), "uint16")) for c in range(2)]
-    frame = conform(pd.DataFrame({"idx": ["src-0"], "channel_paths": [paths], "channels": ["a|b"],
-                                  "microscopy": ["fluorescence"], "name": ["src"]}), "test")
+    frame = conform(
+        pd.DataFrame(
+            {
+                "idx": ["src-0"],
+                "channel_paths": [paths],
+                "channels": ["a|b"],
+                "microscopy": ["fluorescence"],
+                "name": ["src"],
+            }
+        ),
+        "test",
+    )
     tables.write_table(frame, tmp_path / "meta.parquet")
     meta = tables.read_table(tmp_path / "meta.parquet")  # channel_paths come back as numpy arrays
     decisions = standardize_chunk(meta, tmp_path / "out.parquet", expected_channels={"src": 2})
@@ -299,11 +309,13 @@ def test_empty_chunk_writes_an_empty_table(tmp_path):
 @needs_data
 def test_chunk_on_real_rxrx1_sites(tmp_path):
     firsts = sorted((DATA / "rxrx1").glob("*/*/Plate*/*_w1.png"))[:6]
-    meta = pd.DataFrame({
-        "idx": [f"rx-{i}" for i in range(len(firsts))],
-        "channel_paths": [[str(f.with_name(f.name.replace("_w1", f"_w{c}"))) for c in range(1, 7)] for f in firsts],
-        "channels": "w1|w2|w3|w4|w5|w6",
-    })
+    meta = pd.DataFrame(
+        {
+            "idx": [f"rx-{i}" for i in range(len(firsts))],
+            "channel_paths": [[str(f.with_name(f.name.replace("_w1", f"_w{c}"))) for c in range(1, 7)] for f in firsts],
+            "channels": "w1|w2|w3|w4|w5|w6",
+        }
+    )
     decisions = standardize_chunk(meta, tmp_path / "rx.parquet", threads=2)
     # Site 2 of each plate has only w1-w4 on disk: its missing channel files are quarantined.
     complete = [all(Path(p).is_file() for p in paths) for paths in meta["channel_paths"]]

@@ -109,8 +109,10 @@ def test_documented_counts_at_scale_one(tmp_path):
     # The native layout has weak-label classes to find at min_count 30.
     rows = plans["synthetic"].tables["metadata.csv"]
     meta = pd.DataFrame(rows[1:], columns=rows[0])
-    big = {col: (meta[col][meta[col] != ""].value_counts() >= 30).sum() for col in
-           ("compound", "gene", "phenotype", "cell_type", "organism", "cell_visible")}
+    big = {
+        col: (meta[col][meta[col] != ""].value_counts() >= 30).sum()
+        for col in ("compound", "gene", "phenotype", "cell_type", "organism", "cell_visible")
+    }
     assert big["compound"] >= 6 and big["gene"] >= 3 and big["phenotype"] >= 5 and big["cell_type"] >= 4
     assert big["organism"] >= 2 and big["cell_visible"] >= 1
 
@@ -141,15 +143,23 @@ def test_bbbc021_tables_files_and_design(collection):
     # Every image's three channel files exist at <plate>/<file>; PathName is Week/plate.
     pattern = re.compile(r"^[B-G]\d\d_s\d+_w[124][0-9A-F]{8}(-[0-9A-F]{4}){3}-[0-9A-F]{12}\.tif$")
     for row in images.itertuples():
-        assert row.Image_PathName_DAPI == f"{row.Image_Metadata_Plate_DAPI.split('_')[0]}/{row.Image_Metadata_Plate_DAPI}"
+        assert (
+            row.Image_PathName_DAPI == f"{row.Image_Metadata_Plate_DAPI.split('_')[0]}/{row.Image_Metadata_Plate_DAPI}"
+        )
         for name in (row.Image_FileName_DAPI, row.Image_FileName_Tubulin, row.Image_FileName_Actin):
             assert pattern.match(name), name
             assert (root / row.Image_PathName_DAPI.split("/")[1] / name).is_file()
     # Treatments join the MOA table; DMSO on every plate; batches as in the real set.
-    joined = images.merge(moa, left_on=["Image_Metadata_Compound", "Image_Metadata_Concentration"],
-                          right_on=["compound", "concentration"], how="left")
+    joined = images.merge(
+        moa,
+        left_on=["Image_Metadata_Compound", "Image_Metadata_Concentration"],
+        right_on=["compound", "concentration"],
+        how="left",
+    )
     assert joined.moa.notna().all()
-    assert (images.groupby("Image_Metadata_Plate_DAPI").Image_Metadata_Compound.apply(lambda c: (c == "DMSO").any())).all()
+    assert (
+        images.groupby("Image_Metadata_Plate_DAPI").Image_Metadata_Compound.apply(lambda c: (c == "DMSO").any())
+    ).all()
     joined["week"] = joined.Image_Metadata_Plate_DAPI.str.split("_").str[0]
     treated = joined[joined.moa != "DMSO"]
     weeks_per_moa = treated.groupby("moa").week.nunique()
@@ -181,7 +191,11 @@ def test_rxrx1_layout_has_sites_channels_and_one_incomplete_site(collection):
     test = pd.read_csv(root / "test.csv")
     test_controls = pd.read_csv(root / "test_controls.csv")
     assert list(train.columns) == ["id_code", "experiment", "plate", "well", "sirna"]
-    assert list(controls.columns) == list(test_controls.columns) == ["id_code", "experiment", "plate", "well", "sirna", "well_type"]
+    assert (
+        list(controls.columns)
+        == list(test_controls.columns)
+        == ["id_code", "experiment", "plate", "well", "sirna", "well_type"]
+    )
     assert list(test.columns) == ["id_code", "experiment", "plate", "well"]
     assert set(controls.well_type) == {"negative_control", "positive_control"}
     cell_types = {e.split("-")[0] for e in pd.concat([train, controls]).experiment}
@@ -299,8 +313,9 @@ def _bbbc021_features(out: Path) -> pd.DataFrame:
     root = out / "bbbc021"
     images = pd.read_csv(root / "BBBC021_v1_image.csv")
     moa = pd.read_csv(root / "BBBC021_v1_moa.csv")
-    images = images.merge(moa, left_on=["Image_Metadata_Compound", "Image_Metadata_Concentration"],
-                          right_on=["compound", "concentration"])
+    images = images.merge(
+        moa, left_on=["Image_Metadata_Compound", "Image_Metadata_Concentration"], right_on=["compound", "concentration"]
+    )
     defective = {Path(p).name for p in _ground_truth(out).path}
     rows = []
     for row in images.itertuples():
@@ -312,13 +327,19 @@ def _bbbc021_features(out: Path) -> pd.DataFrame:
         nuclei = dna > _otsu(dna)
         _, n_nuclei = ndimage.label(nuclei)
         cells = actin > _otsu(actin)
-        rows.append(dict(
-            plate=row.Image_Metadata_Plate_DAPI, week=row.Image_Metadata_Plate_DAPI.split("_")[0],
-            compound=row.compound, concentration=row.concentration, moa=row.moa,
-            nuclear_area=nuclei.sum() / max(n_nuclei, 1),
-            actin_in_cells=actin[cells].mean() - np.percentile(actin, 2),
-            dna_background=np.percentile(dna, 2), actin_background=np.percentile(actin, 2),
-        ))
+        rows.append(
+            dict(
+                plate=row.Image_Metadata_Plate_DAPI,
+                week=row.Image_Metadata_Plate_DAPI.split("_")[0],
+                compound=row.compound,
+                concentration=row.concentration,
+                moa=row.moa,
+                nuclear_area=nuclei.sum() / max(n_nuclei, 1),
+                actin_in_cells=actin[cells].mean() - np.percentile(actin, 2),
+                dna_background=np.percentile(dna, 2),
+                actin_background=np.percentile(actin, 2),
+            )
+        )
     return pd.DataFrame(rows)
 
 
@@ -428,10 +449,19 @@ def test_defects_are_real_and_listed(collection):
 def test_healthy_images_are_not_flagged_by_the_defect_checks(collection):
     out, _ = collection
     defective = set(zip(_ground_truth(out).layout, _ground_truth(out).path))
-    for layout, pattern in (("bbbc021", "*/*.tif"), ("rxrx1", "train/*/*/*.png"), ("hpa", "train/*.png"),
-                            ("cyclops", "*/*.tif"), ("coos7", "*/*/*.tif"), ("synthetic", "images/*/*")):
-        paths = [p for p in sorted((out / layout).glob(pattern))
-                 if (layout, p.relative_to(out / layout).as_posix()) not in defective][:40]
+    for layout, pattern in (
+        ("bbbc021", "*/*.tif"),
+        ("rxrx1", "train/*/*/*.png"),
+        ("hpa", "train/*.png"),
+        ("cyclops", "*/*.tif"),
+        ("coos7", "*/*/*.tif"),
+        ("synthetic", "images/*/*"),
+    ):
+        paths = [
+            p
+            for p in sorted((out / layout).glob(pattern))
+            if (layout, p.relative_to(out / layout).as_posix()) not in defective
+        ][:40]
         assert paths, layout
         for path in paths:
             image = _read(path)
@@ -473,8 +503,23 @@ def _write_metadata(root: Path, rows: list[list[str]]) -> None:
         csv.writer(handle).writerows(rows)
 
 
-GOOD = ["a1", "images/p/a1_dna.tif;images/p/a1_actin.tif", "dna|actin", "human", "u2os", "nucleus|actin",
-        "", "taxol", "0.1", "", "", "fluorescence", "p", "B02", "b1"]
+GOOD = [
+    "a1",
+    "images/p/a1_dna.tif;images/p/a1_actin.tif",
+    "dna|actin",
+    "human",
+    "u2os",
+    "nucleus|actin",
+    "",
+    "taxol",
+    "0.1",
+    "",
+    "",
+    "fluorescence",
+    "p",
+    "B02",
+    "b1",
+]
 
 
 @pytest.mark.parametrize(

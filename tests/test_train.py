@@ -104,9 +104,7 @@ def assert_same_weights(out: Path, reference_out: Path) -> None:
 
 def comparable_metrics(out: Path) -> list[dict]:
     """metrics.jsonl without the timing field."""
-    return [
-        {k: v for k, v in r.items() if k != "images_per_s"} for r in read_metrics(out / "metrics.jsonl")
-    ]
+    return [{k: v for k, v in r.items() if k != "images_per_s"} for r in read_metrics(out / "metrics.jsonl")]
 
 
 def checkpoint_steps(out: Path) -> list[int]:
@@ -259,9 +257,7 @@ def test_changed_settings_refuse_to_resume(shard_dir, tmp_path):
     with pytest.raises(ValueError, match=r"other settings \(changed: \['lr'\]\)" + hint):
         train.train({**BASE, "lr": 1e-3}, shard_dir, tmp_path)
     # Logging and worker settings do not change the run: resuming with them is allowed.
-    result = train.train(
-        {**BASE, "log_every": 3, "num_workers": 1}, shard_dir, tmp_path, max_steps_this_run=1
-    )
+    result = train.train({**BASE, "log_every": 3, "num_workers": 1}, shard_dir, tmp_path, max_steps_this_run=1)
     assert result["step"] == 3
     fresh = train.train(BASE, shard_dir, tmp_path, resume=False, max_steps_this_run=1)
     assert fresh["step"] == 1 and checkpoint_steps(tmp_path) == [1]

@@ -39,11 +39,12 @@ def test_rule_evaluates_ljosa_profiles_and_summarizes_them(tmp_path):
     # with the image and MOA tables downloaded by a `files` source, and median aggregation.
     wells = pd.read_csv(WELLS)
     wells.to_parquet(tmp_path / "wells.parquet", index=False)
-    downloaded = {"image_csv": {"source": "bbbc021_tables", "file": IMAGES.name},
-                  "moa_csv": {"source": "bbbc021_tables", "file": MOA.name}}
+    downloaded = {
+        "image_csv": {"source": "bbbc021_tables", "file": IMAGES.name},
+        "moa_csv": {"source": "bbbc021_tables", "file": MOA.name},
+    }
     config = {
-        "sources": {"bbbc021_tables": {"urls": [IMAGES.as_uri(), MOA.as_uri()], "archive": "none",
-                                       "role": "files"}},
+        "sources": {"bbbc021_tables": {"urls": [IMAGES.as_uri(), MOA.as_uri()], "archive": "none", "role": "files"}},
         "well_profiles": {
             "ljosa_mean": local_entry(),
             "ljosa_parquet": {"path": "wells.parquet", **downloaded},
@@ -60,8 +61,10 @@ def test_rule_evaluates_ljosa_profiles_and_summarizes_them(tmp_path):
     assert (downloads / IMAGES.name).read_bytes() == IMAGES.read_bytes()
     assert (downloads / MOA.name).read_bytes() == MOA.read_bytes()
 
-    expected = {aggregate: as_json(ev.bbbc021_from_well_profiles(WELLS, IMAGES, MOA, aggregate=aggregate))
-                for aggregate in ("mean", "median")}
+    expected = {
+        aggregate: as_json(ev.bbbc021_from_well_profiles(WELLS, IMAGES, MOA, aggregate=aggregate))
+        for aggregate in ("mean", "median")
+    }
     # Known figures of these profiles with mean aggregation.
     assert (expected["mean"]["nsc"]["correct"], expected["mean"]["nsc"]["n"]) == (87, 103)
     assert (expected["mean"]["nscb"]["correct"], expected["mean"]["nscb"]["n"]) == (65, 92)
@@ -70,7 +73,11 @@ def test_rule_evaluates_ljosa_profiles_and_summarizes_them(tmp_path):
         record = json.loads((tmp_path / "results" / "eval" / "well_profiles" / f"{name}.json").read_text())
         records[name] = record
         assert (record["benchmark"], record["model"], record["published"], record["label"]) == (
-            "bbbc021", name, "bbbc021_nsc", "moa")
+            "bbbc021",
+            name,
+            "bbbc021_nsc",
+            "moa",
+        )
         assert (record["n_profiles"], record["n_features"]) == (632, 516)
         assert record["settings"]["aggregate"] == aggregate
         assert record["results"] == {"nsc": expected[aggregate]["nsc"], "nscb": expected[aggregate]["nscb"]}
@@ -82,18 +89,27 @@ def test_rule_evaluates_ljosa_profiles_and_summarizes_them(tmp_path):
         "moa_csv": f"results/download/bbbc021_tables/{MOA.name}",
     }
 
-    summary = pd.read_csv(tmp_path / "results" / "eval" / "summary.tsv", sep="\t", keep_default_na=False,
-                          na_values=[""])
+    summary = pd.read_csv(
+        tmp_path / "results" / "eval" / "summary.tsv", sep="\t", keep_default_na=False, na_values=[""]
+    )
     assert len(summary) == 6 and set(summary["benchmark"]) == {"bbbc021"}
     for row in summary.itertuples():
         truth = records[row.model]["results"][row.protocol]
-        assert (row.metric, row.value, row.n, row.correct) == ("accuracy", truth["accuracy"], truth["n"],
-                                                                truth["correct"])
+        assert (row.metric, row.value, row.n, row.correct) == (
+            "accuracy",
+            truth["accuracy"],
+            truth["n"],
+            truth["correct"],
+        )
         assert row.ci95 == pytest.approx(truth["ci95"])
         if row.protocol == "nsc":
             # CytoImageNet's Table 2 (random init, ImageNet, CytoImageNet, both) beside ours.
-            assert (row.published_random_init, row.published_imagenet, row.published_cytoimagenet,
-                    row.published_both) == pytest.approx((0.2718, 0.835, 0.835, 0.8641))
+            assert (
+                row.published_random_init,
+                row.published_imagenet,
+                row.published_cytoimagenet,
+                row.published_both,
+            ) == pytest.approx((0.2718, 0.835, 0.835, 0.8641))
         else:
             assert math.isnan(row.published_cytoimagenet)
 
@@ -112,13 +128,18 @@ def test_tsv_table_and_errors_naming_key_and_file(tmp_path):
     assert set(embedding["label"]) == {t["moa"] for t in record["results"]["nsc"]["treatments"]}
     assert np.isfinite(embedding[["x", "y"]].to_numpy()).all()
 
-    with pytest.raises(WellProfileError, match=r"^well_profiles\.renamed\.plate_col: column "
-                                               r"'Image_Metadata_Plate' is not in .*wells\.tsv"):
+    with pytest.raises(
+        WellProfileError,
+        match=r"^well_profiles\.renamed\.plate_col: column "
+        r"'Image_Metadata_Plate' is not in .*wells\.tsv",
+    ):
         evaluate_well_profiles("renamed", {**spec, "plate_col": "Image_Metadata_Plate"}, files)
     with pytest.raises(WellProfileError, match=r"^well_profiles\.renamed\.moa_csv: file not found: .*absent\.csv"):
         evaluate_well_profiles("renamed", spec, {**files, "moa_csv": str(tmp_path / "absent.csv")})
     pd.read_csv(MOA).drop(columns="moa").to_csv(tmp_path / "moa.csv", index=False)
-    with pytest.raises(WellProfileError, match=r"^well_profiles\.renamed\.moa_csv \(.*moa\.csv\): column\(s\) \['moa'\]"):
+    with pytest.raises(
+        WellProfileError, match=r"^well_profiles\.renamed\.moa_csv \(.*moa\.csv\): column\(s\) \['moa'\]"
+    ):
         evaluate_well_profiles("renamed", spec, {**files, "moa_csv": str(tmp_path / "moa.csv")})
 
 
@@ -156,8 +177,11 @@ def test_demo_with_well_profiles_plans_them_beside_the_cnn_evaluations(tmp_path)
     config["well_profiles"] = {"ljosa": local_entry()}
     write_config(tmp_path, config)
     plan = check(snakemake(tmp_path, "-n", "--quiet", "rules"))
-    counts = dict(line.split() for line in (plan.stdout + plan.stderr).splitlines()
-                  if len(line.split()) == 2 and line.split()[1].isdigit())
+    counts = dict(
+        line.split()
+        for line in (plan.stdout + plan.stderr).splitlines()
+        if len(line.split()) == 2 and line.split()[1].isdigit()
+    )
     assert counts["evaluate_well_profiles"] == "1" and counts["summarize_evaluation"] == "1"
     # The demo's curation, training and report stay; the report draws the per-well profiles'
     # embedding and confusion matrix beside the CNN models'.
@@ -169,13 +193,23 @@ def test_demo_with_well_profiles_plans_them_beside_the_cnn_evaluations(tmp_path)
 
 # --- config validation -----------------------------------------------------------------------
 
+
 def profiles_config(**entry) -> dict:
     return {
-        "sources": {"tables": {"urls": ["https://example.org/BBBC021_v1_image.csv",
-                                        "https://example.org/BBBC021_v1_moa.csv"], "role": "files"}},
-        "well_profiles": {"ljosa": {"path": "wells.csv.gz",
-                                    "image_csv": {"source": "tables", "file": "BBBC021_v1_image.csv"},
-                                    "moa_csv": {"source": "tables", "file": "BBBC021_v1_moa.csv"}, **entry}},
+        "sources": {
+            "tables": {
+                "urls": ["https://example.org/BBBC021_v1_image.csv", "https://example.org/BBBC021_v1_moa.csv"],
+                "role": "files",
+            }
+        },
+        "well_profiles": {
+            "ljosa": {
+                "path": "wells.csv.gz",
+                "image_csv": {"source": "tables", "file": "BBBC021_v1_image.csv"},
+                "moa_csv": {"source": "tables", "file": "BBBC021_v1_moa.csv"},
+                **entry,
+            }
+        },
     }
 
 
@@ -183,7 +217,10 @@ def test_well_profiles_defaults():
     config = validate_config(profiles_config())
     assert config["sources"]["tables"]["role"] == "files"
     assert {k: config["well_profiles"]["ljosa"][k] for k in ("plate_col", "well_col", "aggregate")} == {
-        "plate_col": "Image_Metadata_Plate", "well_col": "Image_Metadata_Well", "aggregate": "mean"}
+        "plate_col": "Image_Metadata_Plate",
+        "well_col": "Image_Metadata_Well",
+        "aggregate": "mean",
+    }
     demo = validate_config(yaml.safe_load((REPO / "config" / "config.yaml").read_text()))
     assert demo["well_profiles"] == {}
 
@@ -195,6 +232,7 @@ def _set(path, value):
         for key in parents:
             node = node[key]
         node[last] = value
+
     return mutate
 
 
@@ -207,23 +245,38 @@ def _runs(config):
     [
         (_set(["well_profiles", "ljosa", "plate_column"], "Plate"), "'well_profiles.ljosa.plate_column': unknown key"),
         (_set(["well_profiles", "ljosa", "aggregate"], "max"), "'well_profiles.ljosa.aggregate'"),
-        (_set(["well_profiles", "ljosa", "image_csv"], {"source": "tables"}),
-         "'well_profiles.ljosa.image_csv': give a file path or {source:"),
+        (
+            _set(["well_profiles", "ljosa", "image_csv"], {"source": "tables"}),
+            "'well_profiles.ljosa.image_csv': give a file path or {source:",
+        ),
         (_set(["well_profiles", "Ljosa!"], {}), "'well_profiles'"),
-        (_set(["well_profiles", "ljosa", "moa_csv", "source"], "nowhere"),
-         "'well_profiles.ljosa.moa_csv.source': 'nowhere' is not a source"),
-        (_set(["well_profiles", "ljosa", "moa_csv", "file"], "../moa.csv"),
-         "'well_profiles.ljosa.moa_csv.file': '../moa.csv' must be a relative path"),
-        (_set(["well_profiles", "ljosa", "path"], "wells.xlsx"), "'well_profiles.ljosa.path': 'wells.xlsx' is not a table"),
+        (
+            _set(["well_profiles", "ljosa", "moa_csv", "source"], "nowhere"),
+            "'well_profiles.ljosa.moa_csv.source': 'nowhere' is not a source",
+        ),
+        (
+            _set(["well_profiles", "ljosa", "moa_csv", "file"], "../moa.csv"),
+            "'well_profiles.ljosa.moa_csv.file': '../moa.csv' must be a relative path",
+        ),
+        (
+            _set(["well_profiles", "ljosa", "path"], "wells.xlsx"),
+            "'well_profiles.ljosa.path': 'wells.xlsx' is not a table",
+        ),
         (_set(["well_profiles", "ljosa", "well_col"], "Image_Metadata_Plate"), "'well_profiles.ljosa.well_col'"),
-        (_set(["sources", "spare"], {"url": "https://example.org/x.csv", "role": "files"}),
-         "'sources.spare.role': a 'files' source is only downloaded"),
+        (
+            _set(["sources", "spare"], {"url": "https://example.org/x.csv", "role": "files"}),
+            "'sources.spare.role': a 'files' source is only downloaded",
+        ),
         (lambda c: c.clear(), "'sources': nothing to do"),
         (_runs, "'sources': training.runs train on the curated set"),
-        (lambda c: [_runs(c), c["well_profiles"].update(random_weak=c["well_profiles"].pop("ljosa"))],
-         "'well_profiles.random_weak': the name is already a model"),
-        (_set(["benchmarks"], {"well_profiles": {"source": "tables", "protocols": ["nsc"]}}),
-         "'benchmarks.well_profiles': the name is reserved"),
+        (
+            lambda c: [_runs(c), c["well_profiles"].update(random_weak=c["well_profiles"].pop("ljosa"))],
+            "'well_profiles.random_weak': the name is already a model",
+        ),
+        (
+            _set(["benchmarks"], {"well_profiles": {"source": "tables", "protocols": ["nsc"]}}),
+            "'benchmarks.well_profiles': the name is reserved",
+        ),
     ],
 )
 def test_well_profiles_errors_name_the_key(mutate, message):

@@ -61,8 +61,10 @@ def run(tmp_path_factory):
 
 
 def funnel(run: Path) -> pd.DataFrame:
-    return read_table(run / "results" / "funnel.tsv").set_index("stage").astype(
-        {"n_in": int, "n_kept": int, "n_removed": int}
+    return (
+        read_table(run / "results" / "funnel.tsv")
+        .set_index("stage")
+        .astype({"n_in": int, "n_kept": int, "n_removed": int})
     )
 
 
@@ -215,9 +217,11 @@ def test_outliers_and_report(run):
                 lettering[idx] = np.all([(plane := read_image(p)) == plane.max() for p in paths], axis=0)
     assert lettering
     marked, shown = [], []
-    for idx, x0, x1, y0, y1 in scores[["idx", "x_min", "x_max", "y_min", "y_max"]].astype(
-        {"x_min": int, "x_max": int, "y_min": int, "y_max": int}
-    ).itertuples(index=False):
+    for idx, x0, x1, y0, y1 in (
+        scores[["idx", "x_min", "x_max", "y_min", "y_max"]]
+        .astype({"x_min": int, "x_max": int, "y_min": int, "y_max": int})
+        .itertuples(index=False)
+    ):
         mask = lettering.get(idx)
         if mask is None:
             marked.append(False)

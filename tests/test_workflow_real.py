@@ -21,6 +21,7 @@ pytestmark = [
     pytest.mark.skipif(not DATA.is_dir(), reason=f"real data folder {DATA} is absent"),
 ]
 
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("real")
@@ -31,7 +32,9 @@ def run(tmp_path_factory):
 
 def test_every_real_image_is_accounted_for(run):
     results = run / "results"
-    stages = read_table(results / "funnel.tsv").set_index("stage").astype({"n_in": int, "n_kept": int, "n_removed": int})
+    stages = (
+        read_table(results / "funnel.tsv").set_index("stage").astype({"n_in": int, "n_kept": int, "n_removed": int})
+    )
     assert (stages["n_in"] == stages["n_kept"] + stages["n_removed"]).all()
     listed = (
         len(list((DATA / "yeast_toy" / "images").glob("*/*_gfp.tif")))

@@ -66,7 +66,11 @@ def real_config() -> dict:
         "chunk_size": 500,
         "sources": {
             "rxrx1": {"path": str(DATA / "rxrx1"), "adapter": "rxrx1", "options": {"incomplete_sites": "keep"}},
-            "yeast": {"path": str(DATA / "yeast_toy" / "images"), "adapter": "cyclops", "options": {"category": "gene"}},
+            "yeast": {
+                "path": str(DATA / "yeast_toy" / "images"),
+                "adapter": "cyclops",
+                "options": {"category": "gene"},
+            },
             "hpa_cells": {"path": str(DATA / "hpa_toy"), "adapter": "hpa", "options": {"layout": "cells"}},
             "bbbc021_cells": {"path": str(DATA / "bbbc021_cells"), "adapter": "manifest", "options": CELLS},
             "bbbc021": {"path": str(DATA / "bbbc021"), "adapter": "bbbc021", "role": "benchmark"},

@@ -98,9 +98,7 @@ def _check_semantics(config: dict) -> None:
     for section in ("standardize", "quality_control"):
         low, high = config[section]["low_percentile"], config[section]["high_percentile"]
         if low >= high:
-            raise ConfigError(
-                f"config key '{section}.low_percentile': {low} must be below high_percentile {high}"
-            )
+            raise ConfigError(f"config key '{section}.low_percentile': {low} must be below high_percentile {high}")
     labels = config["labels"]
     if not labels["min_count"] <= labels["take_all_max"] <= labels["prelim_max"]:
         raise ConfigError(
@@ -116,17 +114,14 @@ def _check_semantics(config: dict) -> None:
     for name, spec in config["sources"].items():
         # Files sources are only downloaded: no adapter reads them.
         if "adapter" not in spec and "resource" not in spec and spec["role"] != "files":
-            raise ConfigError(
-                f"config key 'sources.{name}.adapter': required unless a resource YAML names it"
-            )
+            raise ConfigError(f"config key 'sources.{name}.adapter': required unless a resource YAML names it")
     models = _check_learning(config)
     _check_well_profiles(config, models)
     # Curation only runs for pretrain sources, so a config without them must evaluate something.
     has_pretrain = any(spec["role"] == "pretrain" for spec in config["sources"].values())
     if config["training"]["runs"] and not has_pretrain:
         raise ConfigError(
-            "config key 'sources': training.runs train on the curated set, so at least one source "
-            "needs role 'pretrain'"
+            "config key 'sources': training.runs train on the curated set, so at least one source needs role 'pretrain'"
         )
     if not has_pretrain and not config["well_profiles"] and not (config["benchmarks"] and models):
         raise ConfigError(
@@ -187,14 +182,11 @@ def _check_learning(config: dict) -> set[str]:
         source = config["sources"].get(benchmark["source"])
         if source is None or source["role"] != "benchmark":
             raise ConfigError(
-                f"config key 'benchmarks.{name}.source': {benchmark['source']!r} is not a source "
-                "with role 'benchmark'"
+                f"config key 'benchmarks.{name}.source': {benchmark['source']!r} is not a source with role 'benchmark'"
             )
     outlier_run = config["outliers"]["run"]
     if outlier_run is not None and runs.get(outlier_run, {}).get("method") != "autoencoder":
-        raise ConfigError(
-            f"config key 'outliers.run': {outlier_run!r} is not a training run with method autoencoder"
-        )
+        raise ConfigError(f"config key 'outliers.run': {outlier_run!r} is not a training run with method autoencoder")
     return models | set(features["fusion"])
 
 
@@ -209,9 +201,7 @@ def _check_well_profiles(config: dict, models: set[str]) -> None:
                 f"rows bbbc021 / {name} of summary.tsv"
             )
         if spec["plate_col"] == spec["well_col"]:
-            raise ConfigError(
-                f"config key 'well_profiles.{name}.well_col': {spec['well_col']!r} is also plate_col"
-            )
+            raise ConfigError(f"config key 'well_profiles.{name}.well_col': {spec['well_col']!r} is also plate_col")
         for key in ("path", "image_csv", "moa_csv"):
             where, file = f"well_profiles.{name}.{key}", spec[key]
             if isinstance(file, dict):
@@ -230,8 +220,7 @@ def _check_well_profiles(config: dict, models: set[str]) -> None:
                     )
             if not file.lower().endswith(TABLE_SUFFIXES):
                 raise ConfigError(
-                    f"config key '{where}': {file!r} is not a table this reads "
-                    f"({', '.join(TABLE_SUFFIXES)})"
+                    f"config key '{where}': {file!r} is not a table this reads ({', '.join(TABLE_SUFFIXES)})"
                 )
     for name, spec in sources.items():
         if spec["role"] == "files" and name not in read_from:

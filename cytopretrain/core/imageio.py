@@ -82,7 +82,27 @@ def _check_tiff_extent(tif: tifffile.TiffFile, path: str, size: int) -> None:
 # ImageJ / MetaMorph / LSM private tags, ...) goes to tifffile.
 _PLAIN_TIFF_LAYOUT_TAGS = {256, 257, 258, 259, 262, 273, 277, 278, 279, 284, 317, 339}
 _PLAIN_TIFF_METADATA_TAGS = {
-    254, 255, 263, 269, 271, 272, 280, 281, 282, 283, 285, 286, 287, 296, 305, 306, 315, 316, 340, 341, 33432
+    254,
+    255,
+    263,
+    269,
+    271,
+    272,
+    280,
+    281,
+    282,
+    283,
+    285,
+    286,
+    287,
+    296,
+    305,
+    306,
+    315,
+    316,
+    340,
+    341,
+    33432,
 }
 # Bytes read to decide whether a TIFF is a plain plane: its header and first IFD must lie
 # within them (writers put the IFD first); a file that is not plain costs tifffile this read.
@@ -234,7 +254,9 @@ def _read_npy(path: str, size: int) -> np.ndarray:
         filled = file.readinto(data)
     version = data[6] if filled > 6 and data[:6] == _NPY_MAGIC else None
     if version not in _NPY_LENGTH_BYTES:
-        raise ImageReadError("unreadable", f"{path}: not an NPY file of format version 1-3 (starts {bytes(data[:8])!r})")
+        raise ImageReadError(
+            "unreadable", f"{path}: not an NPY file of format version 1-3 (starts {bytes(data[:8])!r})"
+        )
     start = 8 + _NPY_LENGTH_BYTES[version]
     offset = start + int.from_bytes(data[8:start], "little")
     dtype, shape, fortran = _npy_header(bytes(data[start:offset]))
@@ -242,9 +264,7 @@ def _read_npy(path: str, size: int) -> np.ndarray:
         raise ImageReadError("unsupported_format", f"{path}: NPY holds Python objects (dtype {dtype})")
     count = math.prod(shape)
     if filled - offset < count * dtype.itemsize:
-        raise ImageReadError(
-            "unreadable", f"{path}: NPY data cut short: {filled - offset} bytes for {shape} {dtype}"
-        )
+        raise ImageReadError("unreadable", f"{path}: NPY data cut short: {filled - offset} bytes for {shape} {dtype}")
     array = np.frombuffer(data, dtype, count, offset).reshape(shape, order="F" if fortran else "C")
     if array.ndim == 3 and array.shape[-1] > MAX_CHANNELS:
         if array.shape[0] > MAX_CHANNELS:
@@ -306,9 +326,7 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     suffix = os.path.splitext(path)[1]
     reader = _READERS.get(suffix.lower())
     if reader is None:
-        raise ImageReadError(
-            "unsupported_format", f"{path}: suffix {suffix!r} not in {', '.join(SUPPORTED_SUFFIXES)}"
-        )
+        raise ImageReadError("unsupported_format", f"{path}: suffix {suffix!r} not in {', '.join(SUPPORTED_SUFFIXES)}")
     try:
         array = reader(path, status.st_size)
     except ImageReadError:
@@ -337,9 +355,7 @@ def _single_channel(image: np.ndarray, path: str) -> np.ndarray:
         return image[:, :, 0]
     if image.shape[2] in (3, 4):
         return rgb_to_gray(image)
-    raise ImageReadError(
-        "bad_shape", f"{path}: a per-channel file must be gray or RGB(A), got shape {image.shape}"
-    )
+    raise ImageReadError("bad_shape", f"{path}: a per-channel file must be gray or RGB(A), got shape {image.shape}")
 
 
 def _stack_planes(paths: Sequence[str]) -> np.ndarray:

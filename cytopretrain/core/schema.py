@@ -50,9 +50,7 @@ CANONICAL_FIELDS: dict[str, pa.DataType] = {
 }
 
 CANONICAL_SCHEMA = pa.schema(list(CANONICAL_FIELDS.items()))
-TEXT_COLUMNS = tuple(
-    name for name, kind in CANONICAL_FIELDS.items() if kind == pa.string()
-)
+TEXT_COLUMNS = tuple(name for name, kind in CANONICAL_FIELDS.items() if kind == pa.string())
 # Columns whose values are compared case-insensitively and so are stored lowercase.
 LOWERCASE_COLUMNS = (
     "organism",
@@ -88,9 +86,7 @@ def conform(frame: pd.DataFrame, origin: str) -> pd.DataFrame:
     ``idx``, ``channel_paths`` and ``microscopy`` are required. ``origin`` (a file or
     source name) is named in every error.
     """
-    missing_required = [
-        c for c in ("idx", "channel_paths", "microscopy") if c not in frame.columns
-    ]
+    missing_required = [c for c in ("idx", "channel_paths", "microscopy") if c not in frame.columns]
     if missing_required:
         raise SchemaError(f"{origin}: missing required column(s) {missing_required}")
     out = pd.DataFrame(index=frame.index)
@@ -106,15 +102,12 @@ def conform(frame: pd.DataFrame, origin: str) -> pd.DataFrame:
         if name in LOWERCASE_COLUMNS:
             col = col.str.lower().str.strip()
         out[name] = col.astype(object)
-    out["concentration"] = pd.to_numeric(out["concentration"], errors="raise").astype(
-        "float64"
-    )
+    out["concentration"] = pd.to_numeric(out["concentration"], errors="raise").astype("float64")
     paths = out["channel_paths"]
     bad = ~paths.map(lambda p: isinstance(p, (list, tuple)) and len(p) > 0)
     if bad.any():
         raise SchemaError(
-            f"{origin}: channel_paths must be a non-empty list per row; "
-            f"first bad idx {out.loc[bad, 'idx'].iloc[0]!r}"
+            f"{origin}: channel_paths must be a non-empty list per row; first bad idx {out.loc[bad, 'idx'].iloc[0]!r}"
         )
     # One path may hold several named channels (a multi-page TIFF, an H×W×C array); several
     # paths must pair one-to-one with the names.
@@ -123,9 +116,7 @@ def conform(frame: pd.DataFrame, origin: str) -> pd.DataFrame:
     mismatch = (n_names != n_paths) & (n_names > 0) & (n_paths > 1)
     if mismatch.any():
         first = out.loc[mismatch, "idx"].iloc[0]
-        raise SchemaError(
-            f"{origin}: 'channels' names and 'channel_paths' differ in length (idx {first!r})"
-        )
+        raise SchemaError(f"{origin}: 'channels' names and 'channel_paths' differ in length (idx {first!r})")
     bad_micro = ~out["microscopy"].isin(MICROSCOPY_VALUES)
     if bad_micro.any():
         raise SchemaError(
@@ -134,7 +125,5 @@ def conform(frame: pd.DataFrame, origin: str) -> pd.DataFrame:
         )
     dup = out["idx"].duplicated()
     if dup.any():
-        raise SchemaError(
-            f"{origin}: duplicate image ids, e.g. {out.loc[dup, 'idx'].iloc[0]!r}"
-        )
+        raise SchemaError(f"{origin}: duplicate image ids, e.g. {out.loc[dup, 'idx'].iloc[0]!r}")
     return out.reset_index(drop=True)

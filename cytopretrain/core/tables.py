@@ -48,9 +48,7 @@ def decode_pixels(pixels: bytes, height: int, width: int, n_channels: int) -> np
     array = np.frombuffer(pixels, dtype=np.uint8)
     expected = int(height) * int(width) * int(n_channels)
     if array.size != expected:
-        raise ValueError(
-            f"pixel buffer has {array.size} bytes, shape says {height}x{width}x{n_channels}"
-        )
+        raise ValueError(f"pixel buffer has {array.size} bytes, shape says {height}x{width}x{n_channels}")
     return array.reshape(int(height), int(width), int(n_channels))
 
 
@@ -154,9 +152,7 @@ class ParquetStreamWriter(AtomicFileWriter):
         self.n_rows = 0
         # Dictionary encoding never pays off on image bytes and costs a pass over each image.
         dictionary_columns = [f.name for f in schema if f.type != pa.binary()]
-        self._writer = pq.ParquetWriter(
-            self._tmp, schema, compression="zstd", use_dictionary=dictionary_columns
-        )
+        self._writer = pq.ParquetWriter(self._tmp, schema, compression="zstd", use_dictionary=dictionary_columns)
 
     def write(self, row: dict) -> None:
         self._buffer.append(row)
@@ -176,7 +172,9 @@ class ParquetStreamWriter(AtomicFileWriter):
         self._writer.close()
 
 
-def iter_parquet_rows(path: str | os.PathLike, columns: list[str] | None = None, batch_size: int = 64) -> Iterator[dict]:
+def iter_parquet_rows(
+    path: str | os.PathLike, columns: list[str] | None = None, batch_size: int = 64
+) -> Iterator[dict]:
     """Stream rows of a Parquet file as dicts, one record batch in memory at a time."""
     with pq.ParquetFile(path) as handle:
         for batch in handle.iter_batches(batch_size=batch_size, columns=columns):

@@ -177,8 +177,7 @@ def plan_crops(
     ys = rng.integers(y0, y1 - sides + 1)
     xs = rng.integers(x0, x1 - sides + 1)
     return [
-        CropBox(int(x), int(x + s), int(y), int(y + s), float(sc))
-        for x, y, s, sc in zip(xs, ys, sides, picked_scales)
+        CropBox(int(x), int(x + s), int(y), int(y + s), float(sc)) for x, y, s, sc in zip(xs, ys, sides, picked_scales)
     ]
 
 
@@ -236,18 +235,14 @@ def _crops_by_image(selection: pd.DataFrame, class_sizes: Mapping[str, int] | pd
         raise ValueError(f"label selection is missing column(s) {missing}")
     duplicated = selection["idx"].duplicated()
     if duplicated.any():
-        raise ValueError(
-            f"label selection assigns image {selection.loc[duplicated, 'idx'].iloc[0]!r} more than once"
-        )
+        raise ValueError(f"label selection assigns image {selection.loc[duplicated, 'idx'].iloc[0]!r} more than once")
     sizes = pd.Series(class_sizes)
     unknown = sorted(set(selection["label"]) - set(sizes.index))
     if unknown:
         raise ValueError(f"class_sizes has no size for label(s) {unknown[:5]}")
     labels = pd.unique(selection["label"])
     per_label = pd.Series(crops_per_image(sizes[labels].to_numpy(dtype=np.int64), rules), index=labels)
-    return selection.set_index("idx")[["label", "category"]].assign(
-        n_crops=lambda frame: frame["label"].map(per_label)
-    )
+    return selection.set_index("idx")[["label", "category"]].assign(n_crops=lambda frame: frame["label"].map(per_label))
 
 
 def _check_standardized(path: str | os.PathLike) -> None:
@@ -319,8 +314,13 @@ def upsample_chunk(
                 label, category, n_planned = assigned.loc[idx, ["label", "category", "n_crops"]]
                 image = decode_pixels(row["pixels"], row["height"], row["width"], row["n_channels"])
                 boxes = plan_crops(
-                    image.shape[0], image.shape[1], int(n_planned), np.random.default_rng(image_seed(seed, idx)),
-                    scales=scales, min_crop_side=min_crop_side, min_image_side=min_image_side,
+                    image.shape[0],
+                    image.shape[1],
+                    int(n_planned),
+                    np.random.default_rng(image_seed(seed, idx)),
+                    scales=scales,
+                    min_crop_side=min_crop_side,
+                    min_image_side=min_image_side,
                 )
                 for out_row in _crop_rows(idx, label, category, image, boxes, low, high):
                     writer.write(out_row)

@@ -115,15 +115,17 @@ def _download_https(resource: dict, target: Path, cache: Path, fetch_options: di
         if digest is None:
             local, digest = fetch_with_digest(item["url"], local, item["sha256"], **fetch_options)
         extracted = _place(local, item, target)
-        entries.append({
-            "url": item["url"],
-            "filename": item["filename"],
-            "sha256": digest,
-            "bytes": local.stat().st_size,
-            "archive": item["archive"],
-            "dest": item["dest"],
-            "extracted_files": extracted,
-        })
+        entries.append(
+            {
+                "url": item["url"],
+                "filename": item["filename"],
+                "sha256": digest,
+                "bytes": local.stat().st_size,
+                "archive": item["archive"],
+                "dest": item["dest"],
+                "extracted_files": extracted,
+            }
+        )
     return entries
 
 
@@ -188,7 +190,8 @@ def kaggle_credentials_present() -> bool:
 def _kaggle_help(resource: dict, missing: list[str]) -> str:
     spec = resource["kaggle"]
     page = (
-        f"https://www.kaggle.com/c/{spec['competition']}/rules" if "competition" in spec
+        f"https://www.kaggle.com/c/{spec['competition']}/rules"
+        if "competition" in spec
         else f"https://www.kaggle.com/datasets/{spec['dataset']}"
     )
     return (
@@ -259,19 +262,31 @@ def _download_aspera(resource: dict, target: Path) -> list[dict]:
         )
     target.mkdir(parents=True, exist_ok=True)
     command = [
-        executable, "-T", "-k", "1", "-l", spec["rate"], "-P", str(spec["port"]), "-i", str(key),
-        f"{spec['user']}@{spec['host']}:{spec['remote_path']}", str(target),
+        executable,
+        "-T",
+        "-k",
+        "1",
+        "-l",
+        spec["rate"],
+        "-P",
+        str(spec["port"]),
+        "-i",
+        str(key),
+        f"{spec['user']}@{spec['host']}:{spec['remote_path']}",
+        str(target),
     ]
     _run_tool(command, resource, "ascp")
     files = [p for p in target.rglob("*") if p.is_file() and p.name != MANIFEST_NAME]
-    return [{
-        "url": f"aspera://{spec['user']}@{spec['host']}:{spec['port']}/{spec['remote_path']}",
-        "sha256": None,
-        "bytes": sum(p.stat().st_size for p in files),
-        "archive": "none",
-        "dest": ".",
-        "extracted_files": len(files),
-    }]
+    return [
+        {
+            "url": f"aspera://{spec['user']}@{spec['host']}:{spec['port']}/{spec['remote_path']}",
+            "sha256": None,
+            "bytes": sum(p.stat().st_size for p in files),
+            "archive": "none",
+            "dest": ".",
+            "extracted_files": len(files),
+        }
+    ]
 
 
 def _aspera_key(spec: dict) -> Path | None:
@@ -291,9 +306,7 @@ def _run_tool(command: list[str], resource: dict, tool: str) -> None:
         tail = (result.stderr or result.stdout).strip()[-2000:]
         forbidden = tool == "kaggle" and "403" in tail
         hint = " (403: accept the rules on the Kaggle website first)" if forbidden else ""
-        raise DownloadError(
-            f"source {resource['name']!r}: {tool} exited with code {result.returncode}{hint}: {tail}"
-        )
+        raise DownloadError(f"source {resource['name']!r}: {tool} exited with code {result.returncode}{hint}: {tail}")
 
 
 def transport_problem(resource: dict) -> str | None:

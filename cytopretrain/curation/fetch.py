@@ -106,9 +106,7 @@ def _download_with_retries(url, part: Path, retries, backoff, timeout, chunk_siz
             # attempts that add nothing count against `retries` (the part only ever grows).
             failures = 0 if after > before else failures + 1
             if failures > retries:
-                raise DownloadError(
-                    f"{url}: giving up after {failures} failed attempts in a row: {exc}"
-                ) from None
+                raise DownloadError(f"{url}: giving up after {failures} failed attempts in a row: {exc}") from None
             delay = min(backoff * 2 ** max(failures - 1, 0), MAX_BACKOFF_SECONDS)
             log.warning("%s: %s; retrying in %.2f s (%d bytes kept)", url, exc, delay, after)
             time.sleep(delay)

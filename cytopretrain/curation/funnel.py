@@ -49,32 +49,61 @@ def build_funnel(
     writer excluded; the shard index (split, n_samples).
     """
     rows = [
-        _row("clean_metadata", "images", source_rows + len(source_issues), source_rows,
-             len(source_issues), _reasons(source_issues)),
+        _row(
+            "clean_metadata",
+            "images",
+            source_rows + len(source_issues),
+            source_rows,
+            len(source_issues),
+            _reasons(source_issues),
+        ),
     ]
     std_kept = int((standardize["status"] == "kept").sum())
     std_quarantined = standardize[standardize["status"] != "kept"]
-    rows.append(_row("standardize", "images", len(standardize), std_kept, len(std_quarantined),
-                     _reasons(std_quarantined)))
-    rows.append(_row("assign_labels", "images", std_kept, len(selection), std_kept - len(selection),
-                     "not chosen by any weak label (kept out of the set, not quarantined)"))
+    rows.append(
+        _row("standardize", "images", len(standardize), std_kept, len(std_quarantined), _reasons(std_quarantined))
+    )
+    rows.append(
+        _row(
+            "assign_labels",
+            "images",
+            std_kept,
+            len(selection),
+            std_kept - len(selection),
+            "not chosen by any weak label (kept out of the set, not quarantined)",
+        )
+    )
     labelled = crops[crops["selected"]]
     n_crops = int(labelled["n_crops_written"].sum())
-    rows.append(_row("upsample_crops", "images", len(selection), len(labelled),
-                     len(selection) - len(labelled), "selected images missing from the crop reports"))
+    rows.append(
+        _row(
+            "upsample_crops",
+            "images",
+            len(selection),
+            len(labelled),
+            len(selection) - len(labelled),
+            "selected images missing from the crop reports",
+        )
+    )
     qc_kept = int((qc["status"] == "kept").sum())
     qc_quarantined = qc[qc["status"] != "kept"]
-    rows.append(_row("quality_control", "crops", n_crops, qc_kept, len(qc_quarantined),
-                     _reasons(qc_quarantined)))
-    rows.append(_row("write_shards", "crops", qc_kept, int(shard_index["n_samples"].sum()),
-                     len(excluded), f"labels dropped below the minimum after QC: {len(dropped_labels)}"))
+    rows.append(_row("quality_control", "crops", n_crops, qc_kept, len(qc_quarantined), _reasons(qc_quarantined)))
+    rows.append(
+        _row(
+            "write_shards",
+            "crops",
+            qc_kept,
+            int(shard_index["n_samples"].sum()),
+            len(excluded),
+            f"labels dropped below the minimum after QC: {len(dropped_labels)}",
+        )
+    )
     funnel = pd.DataFrame(rows)
     broken = funnel[funnel["n_in"] != funnel["n_kept"] + funnel["n_removed"]]
     if len(broken):
         first = broken.iloc[0]
         raise FunnelError(
-            f"stage {first['stage']}: {first['n_in']} in but {first['n_kept']} kept + "
-            f"{first['n_removed']} removed"
+            f"stage {first['stage']}: {first['n_in']} in but {first['n_kept']} kept + {first['n_removed']} removed"
         )
     if len(qc) != n_crops:
         raise FunnelError(f"stage quality_control: {len(qc)} decisions for {n_crops} crops written")

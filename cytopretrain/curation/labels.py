@@ -216,9 +216,7 @@ def allocate(sizes: np.ndarray, target: int, rng: np.random.Generator) -> np.nda
     return share
 
 
-def stratified_sample(
-    rows: np.ndarray, keys: np.ndarray, target: int, rng: np.random.Generator
-) -> np.ndarray:
+def stratified_sample(rows: np.ndarray, keys: np.ndarray, target: int, rng: np.random.Generator) -> np.ndarray:
     """``target`` of ``rows``, allocated over strata of equal ``keys``; returned sorted."""
     shuffled = rng.permutation(len(rows))
     grouped = shuffled[np.argsort(keys[shuffled], kind="stable")]  # random order inside strata
@@ -265,9 +263,7 @@ def _check_arguments(
     return columns
 
 
-def candidate_table(
-    indexes: dict[str, TokenIndex], columns: Sequence[str], min_count: int
-) -> pd.DataFrame:
+def candidate_table(indexes: dict[str, TokenIndex], columns: Sequence[str], min_count: int) -> pd.DataFrame:
     """Candidates (label, category, n_total, token_id) in visiting order."""
     entries = []
     for position, column in enumerate(columns):
@@ -335,9 +331,7 @@ def assign_weak_labels(
         holding = indexes[category].rows_of(token_id)
         available = holding[~used[holding]]
         n_available[i] = len(available)
-        outcomes[i], chosen = select_rows(
-            available, category, encoded, min_count, take_all_max, prelim_max, rng
-        )
+        outcomes[i], chosen = select_rows(available, category, encoded, min_count, take_all_max, prelim_max, rng)
         used[chosen] = True
         chosen_rows.append(chosen)
         n_selected[i] = len(chosen)
@@ -359,9 +353,7 @@ def assign_weak_labels(
         {
             "idx": pd.Series(meta["idx"].to_numpy(dtype=object)[rows], dtype=object),
             "label": pd.Series(np.repeat(report["label"].to_numpy(), n_selected), dtype=object),
-            "category": pd.Series(
-                np.repeat(report["category"].to_numpy(), n_selected), dtype=object
-            ),
+            "category": pd.Series(np.repeat(report["category"].to_numpy(), n_selected), dtype=object),
         }
     )
     return selection, report

@@ -45,9 +45,7 @@ def _with_list_paths(frame: pd.DataFrame) -> pd.DataFrame:
     """Parquet reads list columns back as numpy arrays; the schema expects Python lists."""
     if "channel_paths" not in frame or frame.empty or isinstance(frame["channel_paths"].iloc[0], list):
         return frame
-    return frame.assign(
-        channel_paths=[list(p) if isinstance(p, np.ndarray) else p for p in frame["channel_paths"]]
-    )
+    return frame.assign(channel_paths=[list(p) if isinstance(p, np.ndarray) else p for p in frame["channel_paths"]])
 
 
 def read_issue_tables(paths: list[str | os.PathLike]) -> pd.DataFrame:
@@ -72,9 +70,7 @@ def describe(table: pd.DataFrame) -> dict[str, pd.DataFrame]:
     columns are split on "|", so an image counts once for each of its values; empty values
     are not counted.
     """
-    description = {
-        name: _token_counts(table[column], split=False) for name, column in DESCRIBED_COLUMNS.items()
-    }
+    description = {name: _token_counts(table[column], split=False) for name, column in DESCRIBED_COLUMNS.items()}
     for column in LABEL_COLUMNS:
         description[column] = _token_counts(table[column], split=True)
     return description

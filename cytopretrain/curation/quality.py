@@ -156,9 +156,7 @@ def drop_small_labels(
     categories = table.groupby("label")["category"].unique()
     ambiguous = categories[categories.map(len) > 1]
     if not ambiguous.empty:
-        raise ValueError(
-            f"label {ambiguous.index[0]!r} has several categories {list(ambiguous.iloc[0])}"
-        )
+        raise ValueError(f"label {ambiguous.index[0]!r} has several categories {list(ambiguous.iloc[0])}")
     counts = (
         table.assign(is_kept=table["status"].eq(KEPT))
         .groupby("label", sort=True)

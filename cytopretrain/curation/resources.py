@@ -159,7 +159,7 @@ def _validate_file_entry(item: dict, where: _Where, key: str) -> dict:
 def _validate_kaggle(spec, where: _Where) -> dict:
     if not isinstance(spec, dict) or len(set(spec) & {"competition", "dataset"}) != 1 or len(spec) != 1:
         raise where.error("kaggle", "must be {competition: NAME} or {dataset: OWNER/NAME}")
-    (kind, value), = spec.items()
+    ((kind, value),) = spec.items()
     if not isinstance(value, str) or not value:
         raise where.error(f"kaggle.{kind}", "must be a non-empty string")
     if kind == "dataset" and not re.fullmatch(r"[^/\s]+/[^/\s]+", value):
@@ -270,8 +270,12 @@ def infer_archive_type(name: str) -> str:
     """Archive type from a file name or URL suffix; ``none`` for anything else."""
     lower = urlsplit(str(name)).path.lower() if "://" in str(name) else str(name).lower()
     for suffix, kind in (
-        (".tar.gz", "tar.gz"), (".tgz", "tar.gz"), (".tar.bz2", "tar.bz2"),
-        (".tar.xz", "tar.xz"), (".tar", "tar"), (".zip", "zip"),
+        (".tar.gz", "tar.gz"),
+        (".tgz", "tar.gz"),
+        (".tar.bz2", "tar.bz2"),
+        (".tar.xz", "tar.xz"),
+        (".tar", "tar"),
+        (".zip", "zip"),
     ):
         if lower.endswith(suffix):
             return kind

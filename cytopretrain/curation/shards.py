@@ -175,9 +175,7 @@ def stratified_split(
     per_group = samples.drop_duplicates().sort_values(["label", "group"], kind="stable")
     mixed = per_group["group"].duplicated()
     if mixed.any():
-        raise ValueError(
-            f"stratified_split: group {per_group.loc[mixed, 'group'].iloc[0]!r} has more than one label"
-        )
+        raise ValueError(f"stratified_split: group {per_group.loc[mixed, 'group'].iloc[0]!r} has more than one label")
     rng = np.random.default_rng(seed)
     per_group["key"] = rng.random(len(per_group))
     by_label = per_group.groupby("label", sort=False)
@@ -239,9 +237,7 @@ def _check_categories(kept_crops: pd.DataFrame, kept: pd.DataFrame, crop_files: 
         )
 
 
-def _metadata_table(
-    metadata: pd.DataFrame, kept_crops: pd.DataFrame, crop_files: Sequence
-) -> pa.Table:
+def _metadata_table(metadata: pd.DataFrame, kept_crops: pd.DataFrame, crop_files: Sequence) -> pa.Table:
     """Canonical metadata of the parent images of the kept crops, as Arrow."""
     missing = [c for c in CANONICAL_FIELDS if c not in metadata.columns]
     if missing:
@@ -271,9 +267,7 @@ def _metadata_table(
     return table
 
 
-def _label_table(
-    kept: pd.DataFrame, kept_crops: pd.DataFrame, is_validation: np.ndarray
-) -> pd.DataFrame:
+def _label_table(kept: pd.DataFrame, kept_crops: pd.DataFrame, is_validation: np.ndarray) -> pd.DataFrame:
     table = kept.copy()
     table.insert(0, "class_index", np.arange(len(kept), dtype=np.int64))
     for split, mask in (("train", ~is_validation), ("validation", is_validation)):
@@ -552,20 +546,14 @@ def write_shards(
     validation = metadata_index.isin(validation_idx)
 
     seeds = np.random.SeedSequence(seed).spawn(1 + len(SPLITS))
-    row_groups = [
-        (path, group) for path in crop_files for group in range(pq.ParquetFile(path).num_row_groups)
-    ]
+    row_groups = [(path, group) for path in crop_files for group in range(pq.ParquetFile(path).num_row_groups)]
     order = np.random.default_rng(seeds[0]).permutation(len(row_groups))
-    buffers = {
-        s: _ShuffleBuffer(buffer_size, np.random.default_rng(q)) for s, q in zip(SPLITS, seeds[1:])
-    }
+    buffers = {s: _ShuffleBuffer(buffer_size, np.random.default_rng(q)) for s, q in zip(SPLITS, seeds[1:])}
     _remove_old_outputs(out_dir)
     sinks = {split: _ShardSink(out_dir, split, fmt, samples_per_shard) for split in SPLITS}
     label_index = pd.Index(kept["label"])
     batches = (
-        _kept_rows(
-            _read_row_group(*row_groups[i]), label_index, metadata_table, metadata_index, validation
-        )
+        _kept_rows(_read_row_group(*row_groups[i]), label_index, metadata_table, metadata_index, validation)
         for i in order
     )
     entries = _stream_to_shards(batches, buffers, sinks)

@@ -227,9 +227,7 @@ def _jobs(meta: pd.DataFrame, expected_channels: Mapping[str, int] | None) -> It
         meta["idx"].tolist(), meta["channel_paths"].tolist(), meta["channels"].tolist(), names
     ):
         if isinstance(paths, (str, bytes)) or not isinstance(paths, Iterable) or len(paths) == 0:
-            raise SchemaError(
-                f"standardize: idx {idx!r}: channel_paths must be a non-empty list, got {paths!r}"
-            )
+            raise SchemaError(f"standardize: idx {idx!r}: channel_paths must be a non-empty list, got {paths!r}")
         n_names = len(channels.split("|")) if isinstance(channels, str) and channels else 0
         configured = expected_channels.get(name) if expected_channels else None
         yield _Job(str(idx), [str(p) for p in paths], n_names, configured)
@@ -264,9 +262,7 @@ def _standardize_job(job: _Job, low: float, high: float, mode: str) -> dict:
     }
 
 
-def _ordered_map(
-    function: Callable[[_Job], dict], jobs: Iterable[_Job], threads: int
-) -> Iterator[tuple[_Job, dict]]:
+def _ordered_map(function: Callable[[_Job], dict], jobs: Iterable[_Job], threads: int) -> Iterator[tuple[_Job, dict]]:
     """Results in input order; at most 2 x threads jobs in flight, so memory stays bounded."""
     if threads <= 1:
         for job in jobs:

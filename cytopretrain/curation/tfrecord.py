@@ -268,13 +268,15 @@ def image_features(image: np.ndarray) -> dict[str, tuple[list, str]]:
     shape = {"image/height": ([height], "int"), "image/width": ([width], "int"), "image/channels": ([channels], "int")}
     mode = _PNG_MODES.get(channels)
     if mode is None:
-        return {"image/raw": ([np.ascontiguousarray(image).tobytes()], "byte"), "image/format": ([b"raw"], "byte"), **shape}
+        return {
+            "image/raw": ([np.ascontiguousarray(image).tobytes()], "byte"),
+            "image/format": ([b"raw"], "byte"),
+            **shape,
+        }
     buffer = io.BytesIO()
     pixels = image[:, :, 0] if channels == 1 else image
     # compress_level 1: shards are written once per run and PNG time dominates the stage
-    Image.fromarray(np.ascontiguousarray(pixels), mode=mode).save(
-        buffer, format="PNG", compress_level=1
-    )
+    Image.fromarray(np.ascontiguousarray(pixels), mode=mode).save(buffer, format="PNG", compress_level=1)
     return {"image/encoded": ([buffer.getvalue()], "byte"), "image/format": ([b"png"], "byte"), **shape}
 
 
@@ -294,16 +296,12 @@ def decode_image(features: dict[str, FeatureValue]) -> np.ndarray:
     if kind == b"png":
         with Image.open(io.BytesIO(_single(features, "image/encoded"))) as png:
             if png.mode != _PNG_MODES.get(channels):
-                raise TFRecordError(
-                    f"PNG mode {png.mode} does not hold {channels} uint8 channel(s)"
-                )
+                raise TFRecordError(f"PNG mode {png.mode} does not hold {channels} uint8 channel(s)")
             image = np.asarray(png)
     elif kind == b"raw":
         image = np.frombuffer(_single(features, "image/raw"), dtype=np.uint8)
     else:
         raise TFRecordError(f"unknown image/format {kind!r}")
     if image.size != height * width * channels:
-        raise TFRecordError(
-            f"decoded image has shape {image.shape}, features say {height}x{width}x{channels}"
-        )
+        raise TFRecordError(f"decoded image has shape {image.shape}, features say {height}x{width}x{channels}")
     return image.reshape(height, width, channels)

@@ -26,7 +26,9 @@ PROTOCOLS: dict[str, Callable[[pd.DataFrame, str, dict], dict]] = {
     "knn_holdout": lambda profiles, label, benchmark: protocols.knn_holdout(
         profiles, label_col=label, split_col="Metadata_split", k=benchmark.get("k", BENCHMARK_DEFAULTS["k"])
     ),
-    "knn_loo": lambda profiles, label, benchmark: protocols.knn_loo(profiles, label_col=label, k=benchmark.get("k", BENCHMARK_DEFAULTS["k"])),
+    "knn_loo": lambda profiles, label, benchmark: protocols.knn_loo(
+        profiles, label_col=label, k=benchmark.get("k", BENCHMARK_DEFAULTS["k"])
+    ),
     "map": lambda profiles, label, benchmark: protocols.mean_average_precision(profiles, label_col=label),
     "multilabel_f1": lambda profiles, label, benchmark: protocols.multilabel_f1(profiles, labels_col=label),
     "pair_threshold": lambda profiles, label, benchmark: protocols.pair_threshold(profiles, label_col=label),

@@ -170,7 +170,9 @@ class _Runner:
             )
         self.device = resolve_device(options.device)
         self.amp_dtype = autocast_dtype(self.device, options.precision)
-        channels_last = self.device.type == "cuda" or self.amp_dtype is not None or backbone.name not in _NCHW_FP32_ON_CPU
+        channels_last = (
+            self.device.type == "cuda" or self.amp_dtype is not None or backbone.name not in _NCHW_FP32_ON_CPU
+        )
         self.layout = torch.channels_last if channels_last else torch.contiguous_format
         self.model = InferenceBackbone(backbone).to(self.device, memory_format=self.layout)
         self.input_norm = options.input_norm
@@ -301,9 +303,7 @@ def _failure_frame(failures: list[Failed]) -> pd.DataFrame:
     return frame.astype(object)
 
 
-def extract_features(
-    table: pd.DataFrame, backbone: Backbone, **options
-) -> tuple[pd.DataFrame, pd.DataFrame]:
+def extract_features(table: pd.DataFrame, backbone: Backbone, **options) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Features of every image of ``table`` (see the module docstring), in memory; ``options``
     are the fields of ExtractionOptions.
 

@@ -131,9 +131,16 @@ def knn(
     See ``knn_search`` for the arguments; this returns only its distances and indices.
     """
     result = knn_search(
-        queries, reference, k, metric=metric, exclude_self=exclude_self,
-        query_groups=query_groups, reference_groups=reference_groups, block_size=block_size,
-        reference_block_size=reference_block_size, precision=precision,
+        queries,
+        reference,
+        k,
+        metric=metric,
+        exclude_self=exclude_self,
+        query_groups=query_groups,
+        reference_groups=reference_groups,
+        block_size=block_size,
+        reference_block_size=reference_block_size,
+        precision=precision,
         shortlist_margin=shortlist_margin,
     )
     return result.distances, result.indices
@@ -184,8 +191,7 @@ def knn_search(
         raise KnnError(f"shortlist_margin must be >= 0, got {margin}")
     filter_precision = resolve_precision(precision)
 
-    search = _Search(query_rows, reference_rows, k, metric, exclude_self, groups,
-                     block_size, reference_block_size)
+    search = _Search(query_rows, reference_rows, k, metric, exclude_self, groups, block_size, reference_block_size)
     distances = np.full((n_queries, k), np.inf)
     indices = np.full((n_queries, k), -1, dtype=np.int64)
     pending = torch.arange(n_queries)
@@ -196,14 +202,19 @@ def knn_search(
         found_d, found_i, passed = search.shortlist_pass(pending, pass_precision, shortlist)
         done = pending[passed].numpy()
         distances[done], indices[done] = found_d[passed].numpy(), found_i[passed].numpy()
-        attempts.append({"precision": pass_precision, "shortlist": shortlist,
-                         "queries": int(pending.numel()), "failed": int((~passed).sum())})
+        attempts.append(
+            {
+                "precision": pass_precision,
+                "shortlist": shortlist,
+                "queries": int(pending.numel()),
+                "failed": int((~passed).sum()),
+            }
+        )
         pending = pending[~passed]
     if pending.numel():
         found_d, found_i = search.brute_force(pending)
         distances[pending.numpy()], indices[pending.numpy()] = found_d.numpy(), found_i.numpy()
-        attempts.append({"precision": "brute", "shortlist": n_reference,
-                         "queries": int(pending.numel()), "failed": 0})
+        attempts.append({"precision": "brute", "shortlist": n_reference, "queries": int(pending.numel()), "failed": 0})
     if metric == "euclidean":
         distances = np.sqrt(np.maximum(distances, 0.0))
     return KnnResult(distances, indices, filter_precision, attempts)
@@ -215,14 +226,17 @@ def resolve_precision(precision: Precision = "auto") -> str:
         raise KnnError(f"precision must be 'auto', 'fp32' or 'bf16', got {precision!r}")
     probe = _probe(torch.get_num_threads(), torch.get_float32_matmul_precision())
     if not probe["valid"]["fp32"]:
-        raise KnnError("float32 matmul breaks the error model (float32 accumulation); "
-                       "call torch.set_float32_matmul_precision('highest')")
+        raise KnnError(
+            "float32 matmul breaks the error model (float32 accumulation); "
+            "call torch.set_float32_matmul_precision('highest')"
+        )
     if precision == "fp32":
         return "fp32"
     if precision == "bf16":
         if not probe["valid"]["bf16"]:
-            raise KnnError("bf16 matmul on this machine breaks the error model "
-                           "(no float32 accumulation); use precision='fp32'")
+            raise KnnError(
+                "bf16 matmul on this machine breaks the error model (no float32 accumulation); use precision='fp32'"
+            )
         return "bf16"
     return "bf16" if probe["valid"]["bf16"] and probe["speedup"] >= _MIN_BF16_SPEEDUP else "fp32"
 
@@ -251,8 +265,15 @@ def _as_rows(values: np.ndarray | torch.Tensor, name: str) -> torch.Tensor:
     return rows.contiguous()  # row gathers on column-major input (e.g. from pandas) are slow
 
 
-def _check_arguments(queries: torch.Tensor, reference: torch.Tensor, k: int, metric: str,
-                     exclude_self: bool, block_size: int, reference_block_size: int) -> None:
+def _check_arguments(
+    queries: torch.Tensor,
+    reference: torch.Tensor,
+    k: int,
+    metric: str,
+    exclude_self: bool,
+    block_size: int,
+    reference_block_size: int,
+) -> None:
     if metric not in ("euclidean", "cosine"):
         raise KnnError(f"metric must be 'euclidean' or 'cosine', got {metric!r}")
     if queries.shape[1] != reference.shape[1]:
@@ -262,21 +283,23 @@ def _check_arguments(queries: torch.Tensor, reference: torch.Tensor, k: int, met
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise KnnError(f"k must be a positive integer, got {k!r}")
     if exclude_self and queries.shape[0] != reference.shape[0]:
-        raise KnnError(f"exclude_self needs as many queries as references "
-                       f"({queries.shape[0]} != {reference.shape[0]})")
+        raise KnnError(f"exclude_self needs as many queries as references ({queries.shape[0]} != {reference.shape[0]})")
     if block_size < 1 or reference_block_size < 1:
         raise KnnError("block sizes must be positive")
 
 
-def _check_groups(query_groups, reference_groups, n_queries: int, n_reference: int
-                  ) -> tuple[torch.Tensor, torch.Tensor] | None:
+def _check_groups(
+    query_groups, reference_groups, n_queries: int, n_reference: int
+) -> tuple[torch.Tensor, torch.Tensor] | None:
     if query_groups is None and reference_groups is None:
         return None
     if query_groups is None or reference_groups is None:
         raise KnnError("query_groups and reference_groups must be given together")
     coded = []
-    for name, codes, n in (("query_groups", query_groups, n_queries),
-                           ("reference_groups", reference_groups, n_reference)):
+    for name, codes, n in (
+        ("query_groups", query_groups, n_queries),
+        ("reference_groups", reference_groups, n_reference),
+    ):
         array = np.asarray(codes)
         if array.ndim == 1:
             array = array[:, None]
@@ -289,6 +312,7 @@ def _check_groups(query_groups, reference_groups, n_queries: int, n_reference: i
 
 
 # --- error model ---------------------------------------------------------------------------
+
 
 def _prepare(rows64: torch.Tensor, precision: str, metric: str, side: str) -> _Prepared:
     """Round centred / unit float64 rows to the filter precision and lay out the product."""
@@ -314,12 +338,18 @@ def _prepare(rows64: torch.Tensor, precision: str, metric: str, side: str) -> _P
         low = low if side == "query" else low.neg_()
     width = low.shape[1] + extra.shape[1]
     padding = torch.zeros((rows64.shape[0], -width % 16), dtype=dtype)
-    return _Prepared(product=torch.cat([low, extra, padding], dim=1), sq=sq, low_norm=low_norm,
-                     resid_norm=resid_norm, split_error=split_error)
+    return _Prepared(
+        product=torch.cat([low, extra, padding], dim=1),
+        sq=sq,
+        low_norm=low_norm,
+        resid_norm=resid_norm,
+        split_error=split_error,
+    )
 
 
-def _key_error(query: _Prepared, low_norm_b, resid_norm_b, split_error_b, sq_b,
-               metric: str, width: int) -> torch.Tensor:
+def _key_error(
+    query: _Prepared, low_norm_b, resid_norm_b, split_error_b, sq_b, metric: str, width: int
+) -> torch.Tensor:
     """Bound E on |key - float64 key| without the output-rounding term, (queries x refs).
 
     Reference terms may be per reference (broadcast row vectors) or block maxima (scalars).
@@ -359,8 +389,9 @@ def _probe(num_threads: int, float32_matmul_precision: str) -> dict:
     # Features of very different scales and an offset, as raw CNN features have.
     scales = torch.rand(1024, generator=generator, dtype=torch.float64) * 4
     a, b = a[:128] * scales + 3.0, b[:1024] * scales + 3.0
-    valid = {name: all(_bound_holds(a, b, name, metric) for metric in ("euclidean", "cosine"))
-             for name in _FILTER_DTYPES}
+    valid = {
+        name: all(_bound_holds(a, b, name, metric) for metric in ("euclidean", "cosine")) for name in _FILTER_DTYPES
+    }
     return {"speedup": seconds["fp32"] / seconds["bf16"], "valid": valid}
 
 
@@ -374,12 +405,20 @@ def _bound_holds(a: torch.Tensor, b: torch.Tensor, precision: str, metric: str) 
     query, reference = _prepare(a, precision, metric, "query"), _prepare(b, precision, metric, "reference")
     keys = torch.mm(query.product, reference.product.T).to(torch.float64)
     exact = (b * b).sum(1)[None, :] - 2 * a @ b.T if metric == "euclidean" else -(a @ b.T)
-    error = _key_error(query, reference.low_norm[None], reference.resid_norm[None],
-                       reference.split_error[None], reference.sq[None], metric, query.product.shape[1])
+    error = _key_error(
+        query,
+        reference.low_norm[None],
+        reference.resid_norm[None],
+        reference.split_error[None],
+        reference.sq[None],
+        metric,
+        query.product.shape[1],
+    )
     return bool((_output_floor(keys, precision) - error <= exact).all())
 
 
 # --- search --------------------------------------------------------------------------------
+
 
 @dataclass
 class _ReferenceSide:
@@ -393,8 +432,17 @@ class _ReferenceSide:
 class _Search:
     """State of one search: prepared references per precision, exclusions, exact rerank."""
 
-    def __init__(self, queries: torch.Tensor, reference: torch.Tensor, k: int, metric: str,
-                 exclude_self: bool, groups, block_size: int, reference_block_size: int) -> None:
+    def __init__(
+        self,
+        queries: torch.Tensor,
+        reference: torch.Tensor,
+        k: int,
+        metric: str,
+        exclude_self: bool,
+        groups,
+        block_size: int,
+        reference_block_size: int,
+    ) -> None:
         self.queries, self.reference, self.k, self.metric = queries, reference, k, metric
         self.exclude_self, self.groups = exclude_self, groups
         self.block_size, self.reference_block_size = block_size, reference_block_size
@@ -402,8 +450,11 @@ class _Search:
         # Centring on the reference mean keeps |a|·|b| (which scales the error bound) close to
         # the distances themselves; the distances do not change.
         self.center = sum(chunk.to(torch.float64).sum(0) for chunk in self._chunks(reference)) / self.n_reference
-        self.reference_norms = (torch.cat([chunk.to(torch.float64).norm(dim=1) for chunk in self._chunks(reference)])
-                                if metric == "cosine" else None)
+        self.reference_norms = (
+            torch.cat([chunk.to(torch.float64).norm(dim=1) for chunk in self._chunks(reference)])
+            if metric == "cosine"
+            else None
+        )
         self.order = self._norm_order()
         self.position = torch.empty_like(self.order)
         self.position[self.order] = torch.arange(self.n_reference)
@@ -413,7 +464,7 @@ class _Search:
 
     def _chunks(self, rows: torch.Tensor):
         for start in range(0, rows.shape[0], self.reference_block_size):
-            yield rows[start:start + self.reference_block_size]
+            yield rows[start : start + self.reference_block_size]
 
     def _norm_order(self) -> torch.Tensor:
         """References by centred norm, so each block has homogeneous error terms."""
@@ -432,22 +483,31 @@ class _Search:
 
     def reference_side(self, precision: str) -> _ReferenceSide:
         if precision not in self._sides:
-            parts = [_prepare(self._rows64(self.reference[positions]), precision, self.metric, "reference")
-                     for positions in self._chunks(self.order)]
-            rows = _Prepared(*(torch.cat([getattr(p, name) for p in parts])
-                               for name in ("product", "sq", "low_norm", "resid_norm", "split_error")))
-            block_max = {name: torch.stack([getattr(p, name).max() for p in parts])
-                         for name in ("sq", "low_norm", "resid_norm", "split_error")}
+            parts = [
+                _prepare(self._rows64(self.reference[positions]), precision, self.metric, "reference")
+                for positions in self._chunks(self.order)
+            ]
+            rows = _Prepared(
+                *(
+                    torch.cat([getattr(p, name) for p in parts])
+                    for name in ("product", "sq", "low_norm", "resid_norm", "split_error")
+                )
+            )
+            block_max = {
+                name: torch.stack([getattr(p, name).max() for p in parts])
+                for name in ("sq", "low_norm", "resid_norm", "split_error")
+            }
             self._sides[precision] = _ReferenceSide(rows, self.order, block_max)
         return self._sides[precision]
 
-    def shortlist_pass(self, pending: torch.Tensor, precision: str, shortlist: int
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def shortlist_pass(
+        self, pending: torch.Tensor, precision: str, shortlist: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Shortlist + exact rerank for the pending queries; (dist², indices, passed)."""
         side = self.reference_side(precision)
         out_d, out_i, out_ok = [], [], []
         for start in range(0, pending.numel(), self.block_size):
-            rows = pending[start:start + self.block_size]
+            rows = pending[start : start + self.block_size]
             query = _prepare(self._rows64(self.queries[rows]), precision, self.metric, "query")
             bounds, upper, candidates, tau = self._shortlist(rows, query, side, precision, shortlist)
             exact = self._exact_distances(rows, candidates, self._may_be_nearest(bounds, upper))
@@ -471,8 +531,9 @@ class _Search:
         kth_upper = torch.where(valid, upper, torch.inf).topk(self.k, dim=1, largest=False).values[:, -1:]
         return valid & (bounds <= kth_upper)
 
-    def _shortlist(self, rows: torch.Tensor, query: _Prepared, side: _ReferenceSide, precision: str,
-                   shortlist: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _shortlist(
+        self, rows: torch.Tensor, query: _Prepared, side: _ReferenceSide, precision: str, shortlist: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """S references with the smallest lower bounds: their bounds, upper bounds (the same
         error terms on the other side of the key), original indices, and τ.
 
@@ -481,9 +542,12 @@ class _Search:
         """
         keep = shortlist + 1
         tile_keys, tile_positions, tile_errors = [], [], []
-        block_error = _key_error(query, *(side.block_max[name][None, :] for name in
-                                          ("low_norm", "resid_norm", "split_error", "sq")),
-                                 self.metric, query.product.shape[1])
+        block_error = _key_error(
+            query,
+            *(side.block_max[name][None, :] for name in ("low_norm", "resid_norm", "split_error", "sq")),
+            self.metric,
+            query.product.shape[1],
+        )
         for block, start in enumerate(range(0, self.n_reference, self.reference_block_size)):
             stop = min(start + self.reference_block_size, self.n_reference)
             keys = torch.mm(query.product, side.rows.product[start:stop].T)
@@ -491,7 +555,7 @@ class _Search:
             values, positions = _smallest_per_row(keys, keep)
             tile_keys.append(values)
             tile_positions.append(positions + start)
-            tile_errors.append(block_error[:, block:block + 1].expand(-1, values.shape[1]))
+            tile_errors.append(block_error[:, block : block + 1].expand(-1, values.shape[1]))
         base = query.sq if self.metric == "euclidean" else torch.ones_like(query.sq)
         keys = torch.cat(tile_keys, 1).to(torch.float64)
         errors = torch.cat(tile_errors, 1)
@@ -520,7 +584,7 @@ class _Search:
         if self.sorted_groups is not None:
             query_codes, reference_codes = self.sorted_groups[0][rows], self.sorted_groups[1][start:stop]
             for i in range(query_codes.shape[1]):
-                codes = query_codes[:, i:i + 1]
+                codes = query_codes[:, i : i + 1]
                 for j in range(reference_codes.shape[1]):
                     keys.masked_fill_((codes == reference_codes[None, :, j]) & (codes >= 0), torch.inf)
 
@@ -531,16 +595,20 @@ class _Search:
         pair_query, pair_slot = torch.nonzero(needed, as_tuple=True)
         chunk = max(1, _RERANK_ELEMENTS // self.dims)
         for start in range(0, pair_query.numel(), chunk):
-            part_query, part_slot = pair_query[start:start + chunk], pair_slot[start:start + chunk]
+            part_query, part_slot = pair_query[start : start + chunk], pair_slot[start : start + chunk]
             references = candidates[part_query, part_slot]
             out[part_query, part_slot] = self._pair_distances(
                 self._gather("pair_queries", self.queries, rows[part_query]),
-                self._gather("pair_references", self.reference, references), references)
+                self._gather("pair_references", self.reference, references),
+                references,
+            )
         return out
 
     def _gather(self, name: str, source: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """source[index] in a buffer reused across calls (fresh large buffers page-fault)."""
-        return torch.index_select(source, 0, index, out=self._buffer(name, (index.numel(), source.shape[1]), source.dtype))
+        return torch.index_select(
+            source, 0, index, out=self._buffer(name, (index.numel(), source.shape[1]), source.dtype)
+        )
 
     def _buffer(self, name: str, shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
         size = shape[0] * shape[1]
@@ -550,8 +618,9 @@ class _Search:
             self._buffers[(name, dtype)] = buffer
         return buffer[:size].view(shape)
 
-    def _pair_distances(self, query: torch.Tensor, reference: torch.Tensor, reference_index: torch.Tensor
-                        ) -> torch.Tensor:
+    def _pair_distances(
+        self, query: torch.Tensor, reference: torch.Tensor, reference_index: torch.Tensor
+    ) -> torch.Tensor:
         """Exact float64 distance of pairs of rows, (P, D) and (P, D) -> (P,).
 
         Euclidean: squared direct-difference distance; cosine: |â - b̂|²/2 (= 1 - cos â·b̂),
@@ -580,7 +649,7 @@ class _Search:
             best_d = torch.full((1, self.k), torch.inf, dtype=torch.float64)
             best_i = torch.full((1, self.k), -1, dtype=torch.int64)
             for start in range(0, self.n_reference, chunk):
-                cand = self.order[start:start + chunk]
+                cand = self.order[start : start + chunk]
                 query = self.queries[row].expand(cand.numel(), -1)
                 dist = self._pair_distances(query, self.reference.index_select(0, cand), cand)[None, :]
                 self._mask(dist, row, start, start + cand.numel())
@@ -590,8 +659,9 @@ class _Search:
         return torch.cat(out_d), torch.cat(out_i)
 
 
-def _smallest_per_row(keys: torch.Tensor, keep: int, stripes: int = _SELECTION_STRIPES
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+def _smallest_per_row(
+    keys: torch.Tensor, keep: int, stripes: int = _SELECTION_STRIPES
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``keep`` smallest values of each row and their columns, in no order (as torch.topk).
 
     torch.topk over a wide tile costs as much as the matrix product that made it, so the

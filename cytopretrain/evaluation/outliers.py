@@ -34,8 +34,20 @@ from cytopretrain.learning.models import build_backbone
 from cytopretrain.learning.pretext import build_method
 
 OUTLIER_TABLE_COLUMNS = (
-    "crop_id", "idx", "label", "x_min", "x_max", "y_min", "y_max", "score", "rank", "latent_distance",
-    "latent_rank", "dbscan_label", "is_outlier", "injected_text",
+    "crop_id",
+    "idx",
+    "label",
+    "x_min",
+    "x_max",
+    "y_min",
+    "y_max",
+    "score",
+    "rank",
+    "latent_distance",
+    "latent_rank",
+    "dbscan_label",
+    "is_outlier",
+    "injected_text",
 )
 
 
@@ -137,14 +149,21 @@ def shows_text(crops: pd.DataFrame, boxes: dict[str, tuple[int, int, int, int]])
     lettering box."""
     box = np.array([boxes.get(idx, (0, 0, 0, 0)) for idx in crops["idx"]]).reshape(-1, 4)
     return pd.Series(
-        (crops["x_min"].to_numpy() < box[:, 2]) & (box[:, 0] < crops["x_max"].to_numpy())
-        & (crops["y_min"].to_numpy() < box[:, 3]) & (box[:, 1] < crops["y_max"].to_numpy()),
+        (crops["x_min"].to_numpy() < box[:, 2])
+        & (box[:, 0] < crops["x_max"].to_numpy())
+        & (crops["y_min"].to_numpy() < box[:, 3])
+        & (box[:, 1] < crops["y_max"].to_numpy()),
         index=crops.index,
     )
 
 
-def score_crops(encoded: pd.DataFrame, *, k: int = 5, min_samples: int = 5,
-                boxes: dict[str, tuple[int, int, int, int]] | None = None) -> pd.DataFrame:
+def score_crops(
+    encoded: pd.DataFrame,
+    *,
+    k: int = 5,
+    min_samples: int = 5,
+    boxes: dict[str, tuple[int, int, int, int]] | None = None,
+) -> pd.DataFrame:
     """Outlier scores per crop (``encode_crops`` output), ranked by reconstruction error.
 
     score / rank: relative reconstruction error, rank 1 the largest; latent_distance /
@@ -161,8 +180,9 @@ def score_crops(encoded: pd.DataFrame, *, k: int = 5, min_samples: int = 5,
     return table[list(OUTLIER_TABLE_COLUMNS)].sort_values("rank", ignore_index=True)
 
 
-def outlier_scores(latents: pd.DataFrame | np.ndarray, *, k: int = 5, eps: float | None = None,
-                   min_samples: int = 5) -> pd.DataFrame:
+def outlier_scores(
+    latents: pd.DataFrame | np.ndarray, *, k: int = 5, eps: float | None = None, min_samples: int = 5
+) -> pd.DataFrame:
     """Seed 004: kNN-distance outlier score and DBSCAN noise on standardized latents.
 
     Latents (a profile table's features, or an array) are z-scored (StandardScaler fit on all
@@ -193,7 +213,11 @@ def outlier_scores(latents: pd.DataFrame | np.ndarray, *, k: int = 5, eps: float
         raise EvaluationError(f"outlier_scores: eps must be positive, got {eps}")
     dbscan_labels = DBSCAN(eps=eps, min_samples=min_samples).fit_predict(z.astype(np.float64))
     rank = descending_rank(score)
-    out = latents[metadata_columns(latents)].reset_index(drop=True) if isinstance(latents, pd.DataFrame) else pd.DataFrame(index=range(n))
+    out = (
+        latents[metadata_columns(latents)].reset_index(drop=True)
+        if isinstance(latents, pd.DataFrame)
+        else pd.DataFrame(index=range(n))
+    )
     out = out.assign(score=score, rank=rank, dbscan_label=dbscan_labels, is_outlier=dbscan_labels == -1)
     out.attrs.update({"eps": float(eps), "eps_source": eps_source, "k": k, "min_samples": min_samples})
     return out

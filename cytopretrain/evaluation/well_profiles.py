@@ -100,9 +100,11 @@ def well_embedding(profiles: pd.DataFrame) -> pd.DataFrame:
     used = profiles[moa.notna() & (profiles["Metadata_compound"].str.upper() != "DMSO")].reset_index(drop=True)
     features = used[[c for c in used.columns if not c.startswith("Metadata_")]].to_numpy(np.float64)
     coordinates = embedding_2d(zscore(features), seed=0)
-    return pd.DataFrame({
-        "idx": used["Metadata_plate"] + "/" + used["Metadata_well"],
-        "label": used["Metadata_moa"],
-        "x": coordinates[:, 0],
-        "y": coordinates[:, 1],
-    })
+    return pd.DataFrame(
+        {
+            "idx": used["Metadata_plate"] + "/" + used["Metadata_well"],
+            "label": used["Metadata_moa"],
+            "x": coordinates[:, 0],
+            "y": coordinates[:, 1],
+        }
+    )

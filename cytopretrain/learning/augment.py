@@ -63,9 +63,7 @@ def batch_part(index: int, count: int) -> Iterator[None]:
         _BATCH_PART.reset(token)
 
 
-def draw(
-    sample: Callable[[tuple[int, ...]], Tensor], shape: tuple[int, ...], batch_axis: int, device
-) -> Tensor:
+def draw(sample: Callable[[tuple[int, ...]], Tensor], shape: tuple[int, ...], batch_axis: int, device) -> Tensor:
     """``sample(shape)`` moved to ``device``; inside ``batch_part`` the draw is made for the
     global batch along ``batch_axis`` and this part's slice is returned."""
     index, count = _BATCH_PART.get()

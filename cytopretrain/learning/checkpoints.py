@@ -147,9 +147,7 @@ def check_resumable(state: dict, settings: dict, index_sha256: str, world_size: 
             for key in set(settings) | set(state["settings"])
             if key not in RESUME_NEUTRAL and settings.get(key) != state["settings"].get(key)
         )
-        raise SettingsError(
-            f"checkpoint at step {state['step']} was trained with other settings (changed: {changed})"
-        )
+        raise SettingsError(f"checkpoint at step {state['step']} was trained with other settings (changed: {changed})")
     if state["index_sha256"] != index_sha256:
         raise SettingsError(f"checkpoint at step {state['step']} was trained on another shard index")
     if state["world_size"] != world_size:

@@ -271,9 +271,7 @@ class ShardStream(IterableDataset):
         # A lane shorter than the buffer would shuffle less than the buffer allows.
         self.lanes = max(1, min(lanes, self.n_batches * batch_size // shuffle_buffer))
         rotation = int(epoch_rng(seed, epoch, 1, rank).integers(max(1, n_samples)))
-        pieces = _rotated_pieces(
-            [self.shards_dir / s for s in mine["shard"]], mine["n_samples"].tolist(), rotation
-        )
+        pieces = _rotated_pieces([self.shards_dir / s for s in mine["shard"]], mine["n_samples"].tolist(), rotation)
         self.lane_sizes = self._lane_sizes()
         self.lane_segments = _cut(pieces, self.lane_sizes)
 
@@ -325,9 +323,7 @@ class ShardStream(IterableDataset):
     def _read(self, segments: list[Segment], positions: np.ndarray) -> Iterator[tuple[int, dict]]:
         """(lane position, sample) for the sorted ``positions``, in that order."""
         for segment in segments:
-            lo, hi = np.searchsorted(
-                positions, [segment.offset, segment.offset + segment.stop - segment.start]
-            )
+            lo, hi = np.searchsorted(positions, [segment.offset, segment.offset + segment.stop - segment.start])
             rows = positions[lo:hi] - segment.offset + segment.start
             for row, record in zip(rows.tolist(), _read_rows(segment.path, rows)):
                 yield row - segment.start + segment.offset, self._prepare(record, segment.path)

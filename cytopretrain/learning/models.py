@@ -137,13 +137,9 @@ class Backbone(nn.Module):
 
 def _check_input(backbone: Backbone | InferenceBackbone, x: Tensor) -> None:
     if x.ndim != 4 or x.shape[1] != backbone.in_channels:
-        raise ValueError(
-            f"{backbone.name} expects (B, {backbone.in_channels}, H, W) input, got shape {tuple(x.shape)}"
-        )
+        raise ValueError(f"{backbone.name} expects (B, {backbone.in_channels}, H, W) input, got shape {tuple(x.shape)}")
     if min(x.shape[2:]) < backbone.min_input_size:
-        raise ValueError(
-            f"{backbone.name} needs H and W >= {backbone.min_input_size} px, got {tuple(x.shape[2:])}"
-        )
+        raise ValueError(f"{backbone.name} needs H and W >= {backbone.min_input_size} px, got {tuple(x.shape[2:])}")
 
 
 class InferenceBackbone(nn.Module):

@@ -433,8 +433,13 @@ class PatchLocation(PretextMethod):
         patch_geometry(1024, 1024, **self.geometry_options)  # validates the options now
         dim = backbone.feature_dim
         self.classifier = nn.Sequential(
-            nn.Linear(2 * dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True), nn.Dropout(dropout),
-            nn.Linear(hidden, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+            nn.Linear(2 * dim, hidden),
+            nn.BatchNorm1d(hidden),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, hidden),
+            nn.BatchNorm1d(hidden),
+            nn.ReLU(inplace=True),
             nn.Linear(hidden, len(POSITIONS)),
         )
 
@@ -448,14 +453,18 @@ class PatchLocation(PretextMethod):
         device = images.device
         position = augment.draw(
             lambda size: torch.randint(len(POSITIONS), size, generator=generator, device=generator.device),
-            (batch,), 0, device,
+            (batch,),
+            0,
+            device,
         )
         offsets = torch.tensor(_OFFSETS, device=device)[position] * geometry.cell  # (B, 2)
         shifts = augment.draw(
             lambda size: torch.randint(
                 -geometry.jitter, geometry.jitter + 1, size, generator=generator, device=generator.device
             ),
-            (2, batch, 2), 1, device,
+            (2, batch, 2),
+            1,
+            device,
         )
         corner = torch.tensor([geometry.top, geometry.left], device=device)
         centre = _cut_patches(images, corner + shifts[0], geometry.patch)
@@ -521,11 +530,17 @@ class Autoencoder(PretextMethod):
             nn.Linear(latent_dim, 256), nn.Linear(256, 32 * self.grid[0] * self.grid[1]), nn.ReLU(inplace=True)
         )
         self.decoder = nn.Sequential(
-            nn.Upsample(scale_factor=2), nn.ConvTranspose2d(32, 32, 3, padding=1, bias=False),
-            nn.BatchNorm2d(32), nn.ReLU(inplace=True),
-            nn.Upsample(scale_factor=2), nn.ConvTranspose2d(32, 64, 3, padding=1, bias=False),
-            nn.BatchNorm2d(64), nn.ReLU(inplace=True),
-            nn.Upsample(scale_factor=2), nn.ConvTranspose2d(64, 128, 3, padding=1), nn.ReLU(inplace=True),
+            nn.Upsample(scale_factor=2),
+            nn.ConvTranspose2d(32, 32, 3, padding=1, bias=False),
+            nn.BatchNorm2d(32),
+            nn.ReLU(inplace=True),
+            nn.Upsample(scale_factor=2),
+            nn.ConvTranspose2d(32, 64, 3, padding=1, bias=False),
+            nn.BatchNorm2d(64),
+            nn.ReLU(inplace=True),
+            nn.Upsample(scale_factor=2),
+            nn.ConvTranspose2d(64, 128, 3, padding=1),
+            nn.ReLU(inplace=True),
             nn.Conv2d(128, backbone.in_channels, 1),
         )
 
@@ -555,9 +570,7 @@ class Autoencoder(PretextMethod):
         return loss, {"loss": loss.item(), "mse": mse.item()}
 
 
-METHODS: dict[str, type[PretextMethod]] = {
-    cls.name: cls for cls in (WeakLabel, BYOL, PatchLocation, Autoencoder)
-}
+METHODS: dict[str, type[PretextMethod]] = {cls.name: cls for cls in (WeakLabel, BYOL, PatchLocation, Autoencoder)}
 
 
 def method_options(name: str) -> tuple[str, ...]:

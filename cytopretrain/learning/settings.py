@@ -73,9 +73,7 @@ def check_settings(settings: dict) -> dict:
     for key in ("warmup_steps", "seed", "num_workers"):
         _require(full, key, _is_int(full[key]) and full[key] >= 0, "an integer >= 0")
     _require(full, "lr", _is_number(full["lr"]) and full["lr"] > 0, "a number > 0")
-    _require(
-        full, "weight_decay", _is_number(full["weight_decay"]) and full["weight_decay"] >= 0, "a number >= 0"
-    )
+    _require(full, "weight_decay", _is_number(full["weight_decay"]) and full["weight_decay"] >= 0, "a number >= 0")
     _require(full, "optimizer", full["optimizer"] in OPTIMIZERS, f"one of {OPTIMIZERS}")
     _require(full, "schedule", full["schedule"] == "cosine", "'cosine'")
     _require(full, "precision", full["precision"] in PRECISIONS, f"one of {PRECISIONS}")

@@ -185,9 +185,7 @@ class _LossModule(nn.Module):
 
 
 def build_model(settings: dict, n_classes: int) -> PretextMethod:
-    backbone = build_backbone(
-        settings["backbone"], in_channels=settings["in_channels"], weights=settings["weights"]
-    )
+    backbone = build_backbone(settings["backbone"], in_channels=settings["in_channels"], weights=settings["weights"])
     options = dict(settings["method_options"])
     if "image_size" in method_options(settings["method"]):
         options.setdefault("image_size", settings["image_size"])  # the autoencoder's decoder size
@@ -552,8 +550,9 @@ def _prepare_out_dir(out_dir: Path, resume: bool) -> None:
         (out_dir / "metrics.jsonl").unlink(missing_ok=True)
 
 
-def discard_stale_checkpoints(out_dir: str | os.PathLike, settings: dict, shards_dir: str | os.PathLike,
-                              *, world_size: int = 1) -> str | None:
+def discard_stale_checkpoints(
+    out_dir: str | os.PathLike, settings: dict, shards_dir: str | os.PathLike, *, world_size: int = 1
+) -> str | None:
     """Delete ``out_dir``'s checkpoints and metrics if its newest checkpoint cannot be resumed.
 
     For the workflow: a changed run config or a rebuilt shard set reruns ``train_pretext``,
@@ -653,8 +652,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-resume", dest="resume", action="store_false")
     parser.add_argument("--result", type=Path, help="rank 0 writes the result dict here as JSON")
     args = parser.parse_args(argv)
-    result = train(json.loads(args.settings.read_text()), args.shards_dir, args.out_dir,
-                   device=args.device, resume=args.resume)
+    result = train(
+        json.loads(args.settings.read_text()), args.shards_dir, args.out_dir, device=args.device, resume=args.resume
+    )
     if args.result and int(os.environ.get("RANK", "0")) == 0:
         with atomic_path(args.result) as tmp:
             tmp.write_text(json.dumps(result, indent=2) + "\n")

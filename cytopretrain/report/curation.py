@@ -80,9 +80,7 @@ def _quarantine_table(counts: pd.DataFrame, examples: pd.DataFrame) -> pd.DataFr
     )
 
 
-def funnel_section(
-    funnel: pd.DataFrame, quarantine_counts: pd.DataFrame, quarantine_examples: pd.DataFrame
-) -> str:
+def funnel_section(funnel: pd.DataFrame, quarantine_counts: pd.DataFrame, quarantine_examples: pd.DataFrame) -> str:
     body = [explain(FUNNEL_TEXT)]
     if funnel.empty:
         body.append(note("The funnel table has no stages."))
@@ -130,8 +128,7 @@ def _labels_figure(labels: pd.DataFrame) -> tuple[Figure, int]:
     ax.invert_yaxis()
     ax.set_xlabel("number of crops")
     ax.set_title(
-        "Crops per weak label"
-        + (f" (the {len(shown)} largest of {len(labels)})" if len(shown) < len(labels) else "")
+        "Crops per weak label" + (f" (the {len(shown)} largest of {len(labels)})" if len(shown) < len(labels) else "")
     )
     handles = [Patch(color=colours[c], label=c) for c in categories]
     handles += [
@@ -157,9 +154,7 @@ def labels_section(labels: pd.DataFrame) -> str:
     figure, shown = _labels_figure(labels)
     body.append(figure_img(figure, "crops per label"))
     if shown < len(labels):
-        body.append(
-            note(f"The chart shows the {shown} largest of {len(labels)} labels; the table lists all.")
-        )
+        body.append(note(f"The chart shows the {shown} largest of {len(labels)} labels; the table lists all."))
     table = labels[list(LABEL_COLUMNS)].assign(total=labels["n_train"] + labels["n_validation"])
     body.append(html_table(table, scroll=True))
     return section_html("labels", "2. Label distribution", body)
@@ -177,9 +172,7 @@ MONTAGE_TEXT = (
 def montage_quotas(labels: pd.DataFrame) -> dict[str, int]:
     """Crops to show per label: the MONTAGE_LABELS largest labels, MONTAGE_PER_LABEL each."""
     total = labels["n_train"] + labels["n_validation"]
-    ordered = labels.assign(total=total).sort_values(
-        ["total", "label"], ascending=[False, True], kind="stable"
-    )
+    ordered = labels.assign(total=total).sort_values(["total", "label"], ascending=[False, True], kind="stable")
     ordered = ordered[ordered["total"] > 0].head(MONTAGE_LABELS)
     return {label: min(MONTAGE_PER_LABEL, int(n)) for label, n in zip(ordered["label"], ordered["total"])}
 
@@ -190,9 +183,7 @@ def montage_section(labels: pd.DataFrame, by_label: dict[str, list[dict]]) -> st
     for label, samples in by_label.items():
         if samples:
             category = labels.loc[labels["label"] == label, "category"].iloc[0]
-            tiles = [
-                (display_image(s), f"{s['height']}×{s['width']}×{s['n_channels']}", False) for s in samples
-            ]
+            tiles = [(display_image(s), f"{s['height']}×{s['width']}×{s['n_channels']}", False) for s in samples]
             rows.append((f"{label}\n({category})", tiles))
     if not rows:
         body.append(note("No crops to show: none of the largest labels has a crop in the shards."))

@@ -84,10 +84,7 @@ def _benchmark_figure(benchmark: str, rows: pd.DataFrame) -> Figure:
     models = list(dict.fromkeys(rows["model"]))
     styles = {m: {"color": colormaps["tab10"](i % 10)} for i, m in enumerate(models)}
     styles.update(
-        {
-            c: {"color": g, "hatch": "..", "edgecolor": "white"}
-            for c, g in zip(PUBLISHED_COLUMNS, PUBLISHED_GREYS)
-        }
+        {c: {"color": g, "hatch": "..", "edgecolor": "white"} for c, g in zip(PUBLISHED_COLUMNS, PUBLISHED_GREYS)}
     )
     names = {**{m: m for m in models}, **PUBLISHED_NAMES}
     n_bars = sum(len(bars) for _, bars in groups)
@@ -136,9 +133,7 @@ def _embedding_figure(record: dict) -> Figure:
     size = 14 if len(embedding) <= 500 else 4
     for label in labels:
         points = embedding[embedding["label"] == label]
-        ax.scatter(
-            points["x"], points["y"], s=size, color=colours[label], alpha=0.75, linewidths=0, label=label
-        )
+        ax.scatter(points["x"], points["y"], s=size, color=colours[label], alpha=0.75, linewidths=0, label=label)
     ax.set_xlabel("component 1")
     ax.set_ylabel("component 2")
     title = f"{record['benchmark']} / {record['model']}: 2-D embedding"
@@ -188,9 +183,7 @@ def _confusion_figure(record: dict, protocol: str) -> Figure:
     fontsize = 8 if n <= CONFUSION_ANNOTATE else 7 if n <= 40 else 6
     every = max(1, math.ceil(n / CONFUSION_MAX_TICKS))
     ticks = np.arange(0, n, every)
-    ax.set_xticks(
-        ticks, [labels[i] for i in ticks], rotation=60, ha="right", rotation_mode="anchor", fontsize=fontsize
-    )
+    ax.set_xticks(ticks, [labels[i] for i in ticks], rotation=60, ha="right", rotation_mode="anchor", fontsize=fontsize)
     ax.set_yticks(ticks, [labels[i] for i in ticks], fontsize=fontsize)
     if n <= CONFUSION_ANNOTATE:
         for (i, j), share in np.ndenumerate(shares):

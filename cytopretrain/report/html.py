@@ -99,9 +99,7 @@ def label_colours(labels: Sequence[str]) -> dict[str, tuple]:
     return dict(zip(labels, colours))
 
 
-def tile_grid(
-    rows: list[tuple[str, list[tuple[np.ndarray, str, bool]]]], columns: int, title: str
-) -> Figure:
+def tile_grid(rows: list[tuple[str, list[tuple[np.ndarray, str, bool]]]], columns: int, title: str) -> Figure:
     """Image tiles, one row per (row title, [(image, caption, highlighted)]), pasted into one
     canvas drawn 1:1 on a figure of the same pixel size (one axes: fast, and crisp)."""
     cell_width, cell_height = TILE_PX + TILE_GAP, TILE_PX + TILE_GAP + CAPTION_PX
@@ -122,9 +120,7 @@ def tile_grid(
             tile = fit_tile(image, TILE_PX)
             y0, x0 = top + (TILE_PX - tile.shape[0]) // 2, x + (TILE_PX - tile.shape[1]) // 2
             canvas[y0 : y0 + tile.shape[0], x0 : x0 + tile.shape[1]] = tile
-            texts.append(
-                (x + TILE_PX / 2, top + TILE_PX + CAPTION_PX / 2 + 2, caption[:CAPTION_CHARS], "center", 7)
-            )
+            texts.append((x + TILE_PX / 2, top + TILE_PX + CAPTION_PX / 2 + 2, caption[:CAPTION_CHARS], "center", 7))
     figure = new_figure(width / DPI, height / DPI, layout=None)
     ax = figure.add_axes((0, 0, 1, 1))
     ax.imshow(canvas, interpolation="nearest", extent=(0, width, height, 0), aspect="auto")

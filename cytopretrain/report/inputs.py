@@ -23,7 +23,15 @@ LABEL_COLUMNS = ("class_index", "label", "category", "n_train", "n_validation")
 INDEX_COLUMNS = ("split", "shard", "format", "n_samples")
 EMBEDDING_COLUMNS = ("idx", "label", "x", "y")
 OUTLIER_COLUMNS = (
-    "crop_id", "idx", "label", "score", "rank", "latent_distance", "latent_rank", "dbscan_label", "is_outlier",
+    "crop_id",
+    "idx",
+    "label",
+    "score",
+    "rank",
+    "latent_distance",
+    "latent_rank",
+    "dbscan_label",
+    "is_outlier",
     "injected_text",
 )
 

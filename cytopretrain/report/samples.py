@@ -28,9 +28,7 @@ def _wanted_samples(path: Path, wanted: Callable[[str, str], bool]) -> Iterator[
             keys = handle.read_row_group(group, columns=["crop_id", "label"])
             rows = [
                 i
-                for i, (crop_id, label) in enumerate(
-                    zip(keys["crop_id"].to_pylist(), keys["label"].to_pylist())
-                )
+                for i, (crop_id, label) in enumerate(zip(keys["crop_id"].to_pylist(), keys["label"].to_pylist()))
                 if wanted(crop_id, label)
             ]
             if rows:

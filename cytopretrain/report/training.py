@@ -38,9 +38,7 @@ def _training_panels(series: dict) -> list[tuple[str, list[str]]]:
     """(panel title, series keys): loss, each method metric, learning rate, throughput."""
     train_keys = [k for k in series if not k.startswith("val_") and k not in ("lr", "images_per_s")]
     validation_only = [
-        k.removeprefix("val_")
-        for k in series
-        if k.startswith("val_") and k.removeprefix("val_") not in series
+        k.removeprefix("val_") for k in series if k.startswith("val_") and k.removeprefix("val_") not in series
     ]
     metrics = sorted(set(train_keys + validation_only) - {"loss"})
     panels = []

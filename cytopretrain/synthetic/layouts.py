@@ -116,14 +116,27 @@ BBBC021_COMPOUNDS: tuple[tuple[str, str, float, tuple[float, ...]], ...] = (
 # MOAs imaged in one batch only (dropped by the NSCB protocol), and that batch.
 BBBC021_SINGLE_BATCH = {"Kinase inhibitors": 2, "Cholesterol-lowering": 3}
 BBBC021_PLATES = {1: ("22123", "22141"), 2: ("24121", "24141"), 3: ("25421", "25441"), 4: ("27481", "27521")}
-BBBC021_CHANNELS = (("DAPI", "dna", 1, (700.0, 7000.0)), ("Tubulin", "tubulin", 2, (1300.0, 6000.0)),
-                    ("Actin", "actin", 4, (1100.0, 4500.0)))
+BBBC021_CHANNELS = (
+    ("DAPI", "dna", 1, (700.0, 7000.0)),
+    ("Tubulin", "tubulin", 2, (1300.0, 6000.0)),
+    ("Actin", "actin", 4, (1100.0, 4500.0)),
+)
 
 
 BBBC021_COLUMNS = [
-    "TableNumber", "ImageNumber", "Image_FileName_DAPI", "Image_PathName_DAPI", "Image_FileName_Tubulin",
-    "Image_PathName_Tubulin", "Image_FileName_Actin", "Image_PathName_Actin", "Image_Metadata_Plate_DAPI",
-    "Image_Metadata_Well_DAPI", "Replicate", "Image_Metadata_Compound", "Image_Metadata_Concentration",
+    "TableNumber",
+    "ImageNumber",
+    "Image_FileName_DAPI",
+    "Image_PathName_DAPI",
+    "Image_FileName_Tubulin",
+    "Image_PathName_Tubulin",
+    "Image_FileName_Actin",
+    "Image_PathName_Actin",
+    "Image_Metadata_Plate_DAPI",
+    "Image_Metadata_Well_DAPI",
+    "Replicate",
+    "Image_Metadata_Compound",
+    "Image_Metadata_Concentration",
 ]
 
 
@@ -159,8 +172,19 @@ def plan_bbbc021(root: Path, seed: int, scale: float, size: int) -> LayoutPlan:
             wells = rng.permutation(_wells("BCDEFG", range(2, 12)))[: len(treatments)]
             for (compound, moa, conc, strength), well in sorted(zip(treatments, wells), key=lambda t: t[1]):
                 for site in range(1, n_sites + 1):
-                    fields_.append(dict(week=week, replicate=replicate, plate=plate, well=str(well), site=site,
-                                        compound=compound, moa=moa, conc=conc, strength=strength))
+                    fields_.append(
+                        dict(
+                            week=week,
+                            replicate=replicate,
+                            plate=plate,
+                            well=str(well),
+                            site=site,
+                            compound=compound,
+                            moa=moa,
+                            conc=conc,
+                            strength=strength,
+                        )
+                    )
     dmso = [i for i, f in enumerate(fields_) if f["compound"] == "DMSO"]
     defects = _pick_defects(rng, dmso, ("blank", "saturated", "text", "truncated", "empty_file"))
     jobs, rows, gt = [], [BBBC021_COLUMNS], []
@@ -169,40 +193,78 @@ def plan_bbbc021(root: Path, seed: int, scale: float, size: int) -> LayoutPlan:
         names = [f"{f['well']}_s{f['site']}_w{w}{_uuid(rng)}.tif" for _, _, w, _ in BBBC021_CHANNELS]
         path_name = f"Week{f['week']}/{f['plate']}"
         job = FieldJob(
-            seed=(seed, 1, i), size=size, cell_type="mcf7", effect=moa_effect(f["moa"], f["strength"]),
-            stains=tuple(s for _, s, _, _ in BBBC021_CHANNELS), levels=tuple(level for *_, level in BBBC021_CHANNELS),
-            optics=plate_optics[(f["week"], f["replicate"])], fmt="tiff16",
-            paths=tuple(str(root / f["plate"] / n) for n in names), defect=defects.get(i, ""),
+            seed=(seed, 1, i),
+            size=size,
+            cell_type="mcf7",
+            effect=moa_effect(f["moa"], f["strength"]),
+            stains=tuple(s for _, s, _, _ in BBBC021_CHANNELS),
+            levels=tuple(level for *_, level in BBBC021_CHANNELS),
+            optics=plate_optics[(f["week"], f["replicate"])],
+            fmt="tiff16",
+            paths=tuple(str(root / f["plate"] / n) for n in names),
+            defect=defects.get(i, ""),
             text=f"{f['plate']}\n{f['well']} s{f['site']}",
         )
         jobs.append(job)
         gt += _defect_rows(job, root)
         image_number[f["week"]] += 1
-        rows.append([f["week"], image_number[f["week"]], names[0], path_name, names[1], path_name, names[2],
-                     path_name, f["plate"], f["well"], f["replicate"], f["compound"],
-                     _format_concentration(f["conc"])])
+        rows.append(
+            [
+                f["week"],
+                image_number[f["week"]],
+                names[0],
+                path_name,
+                names[1],
+                path_name,
+                names[2],
+                path_name,
+                f["plate"],
+                f["well"],
+                f["replicate"],
+                f["compound"],
+                _format_concentration(f["conc"]),
+            ]
+        )
     moa_lines = ['"compound",concentration,"moa"']
     moa_lines += [f'"{c}",{conc:.6f},"{m}"' for c, m, _, concs in BBBC021_COMPOUNDS for conc in concs]
     moa_lines.append('"DMSO",0.000000,"DMSO"')
-    compounds = [["compound", "smiles"]] + [[c, _fake_smiles(rng)] for c, *_ in BBBC021_COMPOUNDS] + [["DMSO", "CS(C)=O"]]
-    return LayoutPlan(jobs, {"BBBC021_v1_image.csv": rows, "BBBC021_v1_compound.csv": compounds}, gt, len(jobs),
-                      raw_tables={"BBBC021_v1_moa.csv": "\n".join(moa_lines) + "\n"})
+    compounds = (
+        [["compound", "smiles"]] + [[c, _fake_smiles(rng)] for c, *_ in BBBC021_COMPOUNDS] + [["DMSO", "CS(C)=O"]]
+    )
+    return LayoutPlan(
+        jobs,
+        {"BBBC021_v1_image.csv": rows, "BBBC021_v1_compound.csv": compounds},
+        gt,
+        len(jobs),
+        raw_tables={"BBBC021_v1_moa.csv": "\n".join(moa_lines) + "\n"},
+    )
 
 
 RXRX1_TRAIN = ("HEPG2-01", "HUVEC-01", "RPE-01", "U2OS-01", "HUVEC-02", "U2OS-02")
 RXRX1_TEST = ("HEPG2-02", "RPE-02")
 # siRNA -> (gene, knockdown efficiency); the last two are the positive controls.
 RXRX1_SIRNAS: dict[str, tuple[str, float]] = {
-    "sirna_101": ("TUBB", 1.0), "sirna_102": ("TUBB", 0.7), "sirna_203": ("ACTB", 1.0),
-    "sirna_204": ("LMNA", 1.0), "sirna_305": ("CCNB1", 1.0), "sirna_306": ("MFN2", 1.0),
-    "sirna_407": ("PLK1", 0.8), "sirna_408": ("ACTB", 0.7),
+    "sirna_101": ("TUBB", 1.0),
+    "sirna_102": ("TUBB", 0.7),
+    "sirna_203": ("ACTB", 1.0),
+    "sirna_204": ("LMNA", 1.0),
+    "sirna_305": ("CCNB1", 1.0),
+    "sirna_306": ("MFN2", 1.0),
+    "sirna_407": ("PLK1", 0.8),
+    "sirna_408": ("ACTB", 0.7),
 }
 
 
 RXRX1_POSITIVE = {"sirna_1108": ("PLK1", 2.5), "sirna_1109": ("CCNB1", 3.0)}
 # w1 nucleus, w2 ER, w3 actin, w4 nucleoli + RNA, w5 mitochondria, w6 Golgi + membrane
-RXRX1_CHANNELS = (("dna", (4.0, 55.0)), ("er", (6.0, 80.0)), ("actin", (5.0, 60.0)), ("rna", (5.0, 55.0)),
-                  ("mitochondria", (6.0, 70.0)), ("golgi_membrane", (4.0, 45.0)))
+RXRX1_CHANNELS = (
+    ("dna", (4.0, 55.0)),
+    ("er", (6.0, 80.0)),
+    ("actin", (5.0, 60.0)),
+    ("rna", (5.0, 55.0)),
+    ("mitochondria", (6.0, 70.0)),
+    ("golgi_membrane", (4.0, 45.0)),
+)
 
 
 RXRX1_TREATED_PER_PLATE = 4
@@ -224,16 +286,28 @@ def plan_rxrx1(root: Path, seed: int, scale: float, size: int) -> LayoutPlan:
         for plate in range(1, n_plates + 1):
             plate_optics = _plate_optics(rng, optics)
             positive = list(RXRX1_POSITIVE)[(plate - 1) % 2]
-            treated = [sirnas[(RXRX1_TREATED_PER_PLATE * (plate - 1) + k) % len(sirnas)]
-                       for k in range(RXRX1_TREATED_PER_PLATE)]
+            treated = [
+                sirnas[(RXRX1_TREATED_PER_PLATE * (plate - 1) + k) % len(sirnas)]
+                for k in range(RXRX1_TREATED_PER_PLATE)
+            ]
             free = rng.permutation([w for w in _wells("BCDEFGHIJKLMNO", range(2, 24)) if w != "B02"])
             entries = [("B02", "UNTREATED", "negative_control"), (str(free[0]), positive, "positive_control")]
             entries += [(str(w), s, "treatment") for w, s in zip(free[1:], treated)]
             for well, sirna, well_type in entries:
-                gene, eff = ({**RXRX1_SIRNAS, **RXRX1_POSITIVE}.get(sirna) or ("", 0.0))
-                wells.append(dict(split=split, experiment=experiment, plate=plate, well=well, sirna=sirna,
-                                  well_type=well_type, cell_type=cell_type, optics=plate_optics,
-                                  effect=_gene_effect(gene, eff) if gene else NEUTRAL))
+                gene, eff = {**RXRX1_SIRNAS, **RXRX1_POSITIVE}.get(sirna) or ("", 0.0)
+                wells.append(
+                    dict(
+                        split=split,
+                        experiment=experiment,
+                        plate=plate,
+                        well=well,
+                        sirna=sirna,
+                        well_type=well_type,
+                        cell_type=cell_type,
+                        optics=plate_optics,
+                        effect=_gene_effect(gene, eff) if gene else NEUTRAL,
+                    )
+                )
     fields_ = [(w, site) for w in wells for site in (1, 2)]
     incomplete = 1  # site 2 of the first experiment's first negative-control well
     candidates = [i for i in range(len(fields_)) if i != incomplete]
@@ -249,10 +323,17 @@ def plan_rxrx1(root: Path, seed: int, scale: float, size: int) -> LayoutPlan:
                 for c in (5, 6)
             ]
         job = FieldJob(
-            seed=(seed, 2, i), size=size, cell_type=w["cell_type"], effect=w["effect"],
+            seed=(seed, 2, i),
+            size=size,
+            cell_type=w["cell_type"],
+            effect=w["effect"],
             stains=tuple(s for s, _ in RXRX1_CHANNELS[:n_channels]),
-            levels=tuple(level for _, level in RXRX1_CHANNELS[:n_channels]), optics=w["optics"], fmt="png8",
-            paths=paths, defect=defects.get(i, ""), text=f"{w['experiment']} P{w['plate']}\n{w['well']}",
+            levels=tuple(level for _, level in RXRX1_CHANNELS[:n_channels]),
+            optics=w["optics"],
+            fmt="png8",
+            paths=paths,
+            defect=defects.get(i, ""),
+            text=f"{w['experiment']} P{w['plate']}\n{w['well']}",
         )
         jobs.append(job)
         gt += _defect_rows(job, root)
@@ -274,27 +355,63 @@ def plan_rxrx1(root: Path, seed: int, scale: float, size: int) -> LayoutPlan:
 
 
 HPA_CLASSES = (
-    "Nucleoplasm", "Nuclear membrane", "Nucleoli", "Nucleoli fibrillar center", "Nuclear speckles",
-    "Nuclear bodies", "Endoplasmic reticulum", "Golgi apparatus", "Peroxisomes", "Endosomes", "Lysosomes",
-    "Intermediate filaments", "Actin filaments", "Focal adhesion sites", "Microtubules", "Microtubule ends",
-    "Cytokinetic bridge", "Mitotic spindle", "Microtubule organizing center", "Centrosome", "Lipid droplets",
-    "Plasma membrane", "Cell junctions", "Mitochondria", "Aggresome", "Cytosol", "Cytoplasmic bodies",
+    "Nucleoplasm",
+    "Nuclear membrane",
+    "Nucleoli",
+    "Nucleoli fibrillar center",
+    "Nuclear speckles",
+    "Nuclear bodies",
+    "Endoplasmic reticulum",
+    "Golgi apparatus",
+    "Peroxisomes",
+    "Endosomes",
+    "Lysosomes",
+    "Intermediate filaments",
+    "Actin filaments",
+    "Focal adhesion sites",
+    "Microtubules",
+    "Microtubule ends",
+    "Cytokinetic bridge",
+    "Mitotic spindle",
+    "Microtubule organizing center",
+    "Centrosome",
+    "Lipid droplets",
+    "Plasma membrane",
+    "Cell junctions",
+    "Mitochondria",
+    "Aggresome",
+    "Cytosol",
+    "Cytoplasmic bodies",
     "Rods & rings",
 )
 
 
 # Rendered HPA class -> (pattern, relative frequency), imbalanced like the competition.
 HPA_RENDERED: dict[int, tuple[str, float]] = {
-    0: ("nucleus", 0.28), 1: ("nuclear_periphery", 0.04), 2: ("nucleolus", 0.08), 4: ("speckles", 0.04),
-    5: ("nuclear_bodies", 0.05), 6: ("er", 0.05), 7: ("golgi", 0.06), 12: ("actin", 0.03),
-    14: ("microtubules", 0.04), 19: ("centrosome", 0.03), 21: ("plasma_membrane", 0.07),
-    23: ("mitochondria", 0.08), 25: ("cytoplasm", 0.2), 26: ("cytoplasmic_bodies", 0.03),
+    0: ("nucleus", 0.28),
+    1: ("nuclear_periphery", 0.04),
+    2: ("nucleolus", 0.08),
+    4: ("speckles", 0.04),
+    5: ("nuclear_bodies", 0.05),
+    6: ("er", 0.05),
+    7: ("golgi", 0.06),
+    12: ("actin", 0.03),
+    14: ("microtubules", 0.04),
+    19: ("centrosome", 0.03),
+    21: ("plasma_membrane", 0.07),
+    23: ("mitochondria", 0.08),
+    25: ("cytoplasm", 0.2),
+    26: ("cytoplasmic_bodies", 0.03),
 }
 
 
 # (file colour, stain, (background, amplitude))
-HPA_CHANNELS = (("red", "tubulin", (6.0, 110.0)), ("green", None, (3.0, 150.0)), ("blue", "dna", (5.0, 170.0)),
-                ("yellow", "er", (6.0, 120.0)))
+HPA_CHANNELS = (
+    ("red", "tubulin", (6.0, 110.0)),
+    ("green", None, (3.0, 150.0)),
+    ("blue", "dna", (5.0, 170.0)),
+    ("yellow", "er", (6.0, 120.0)),
+)
 
 
 def plan_hpa(root: Path, seed: int, scale: float, size: int) -> LayoutPlan:
@@ -310,11 +427,17 @@ def plan_hpa(root: Path, seed: int, scale: float, size: int) -> LayoutPlan:
         image_id = _uuid(rng, upper=False)
         protein = "protein:" + "+".join(HPA_RENDERED[c][0] for c in labels)
         job = FieldJob(
-            seed=(seed, 3, i), size=size, cell_type=str(rng.choice(["u2os", "rpe", "hepg2"])), effect=NEUTRAL,
-            stains=tuple(s or protein for _, s, _ in HPA_CHANNELS), levels=tuple(level for *_, level in HPA_CHANNELS),
-            optics=_batch_optics(rng, 4, gain=0.25, read_noise=0.8, max_value=255), fmt="png8",
+            seed=(seed, 3, i),
+            size=size,
+            cell_type=str(rng.choice(["u2os", "rpe", "hepg2"])),
+            effect=NEUTRAL,
+            stains=tuple(s or protein for _, s, _ in HPA_CHANNELS),
+            levels=tuple(level for *_, level in HPA_CHANNELS),
+            optics=_batch_optics(rng, 4, gain=0.25, read_noise=0.8, max_value=255),
+            fmt="png8",
             paths=tuple(str(root / "train" / f"{image_id}_{colour}.png") for colour, _, _ in HPA_CHANNELS),
-            defect=defects.get(i, ""), text=f"HPA {image_id[:8]}\n63x",
+            defect=defects.get(i, ""),
+            text=f"HPA {image_id[:8]}\n63x",
         )
         jobs.append(job)
         gt += _defect_rows(job, root)
@@ -357,8 +480,13 @@ def plan_cyclops(root: Path, seed: int, scale: float) -> LayoutPlan:
     for i, (label, pattern, protein, k) in enumerate(cells):
         name = f"{protein}_{1 + k // 6}_rfp_{k % 6 + 1}"
         job = CellJob(
-            seed=(seed, 4, i), organism="yeast", pattern=pattern, protein_level=float(rng.lognormal(0, 0.35)),
-            levels=((110.0, 900.0), (230.0, 2500.0)), optics=_plate_optics(rng, screen), fmt="float32",
+            seed=(seed, 4, i),
+            organism="yeast",
+            pattern=pattern,
+            protein_level=float(rng.lognormal(0, 0.35)),
+            levels=((110.0, 900.0), (230.0, 2500.0)),
+            optics=_plate_optics(rng, screen),
+            fmt="float32",
             paths=(str(root / label / f"{name}_gfp.tif"), str(root / label / f"{name}_rfp.tif")),
             defect=defects.get(i, ""),
         )
@@ -367,8 +495,15 @@ def plan_cyclops(root: Path, seed: int, scale: float) -> LayoutPlan:
     return LayoutPlan(jobs, {}, gt, len(jobs))
 
 
-COOS7_CLASSES = ("cytoplasm", "endoplasmic_reticulum", "mitochondria", "nucleolus", "nucleus", "peroxisomes",
-                 "plasma_membrane")
+COOS7_CLASSES = (
+    "cytoplasm",
+    "endoplasmic_reticulum",
+    "mitochondria",
+    "nucleolus",
+    "nucleus",
+    "peroxisomes",
+    "plasma_membrane",
+)
 
 
 COOS7_PATTERN = {"endoplasmic_reticulum": "er", "plasma_membrane": "plasma_membrane"}
@@ -380,11 +515,21 @@ def _coos7_condition(rng: np.random.Generator, split: str, reference: Optics) ->
     optics = _plate_optics(rng, reference)
     expression = float(rng.lognormal(0, 0.25))
     if split == "test2":  # new plates: batch intensity and illumination drift
-        optics = replace(optics, scales=tuple(s * f for s, f in zip(optics.scales, (0.7, 1.35))),
-                         background_scale=optics.background_scale * 1.3, gradient=optics.gradient + 0.15)
+        optics = replace(
+            optics,
+            scales=tuple(s * f for s, f in zip(optics.scales, (0.7, 1.35))),
+            background_scale=optics.background_scale * 1.3,
+            gradient=optics.gradient + 0.15,
+        )
     elif split == "test3":  # another microscope: blur, noisier camera, other background
-        optics = replace(optics, blur=1.6, gain=optics.gain * 4, read_noise=optics.read_noise * 3,
-                         background_scale=optics.background_scale * 1.8, vignetting=0.45)
+        optics = replace(
+            optics,
+            blur=1.6,
+            gain=optics.gain * 4,
+            read_noise=optics.read_noise * 3,
+            background_scale=optics.background_scale * 1.8,
+            vignetting=0.45,
+        )
     elif split == "test4":  # other protein-expression levels (both dimmer and brighter)
         expression *= float(rng.choice([0.25, 3.0]))
     return optics, expression
@@ -400,8 +545,10 @@ def plan_coos7(root: Path, seed: int, scale: float) -> LayoutPlan:
                 cells.append((split, loc, k))
     train = [i for i, c in enumerate(cells) if c[0] == "train"]
     test1 = [i for i, c in enumerate(cells) if c[0] == "test1"]
-    defects = {**_pick_defects(rng, train, ("saturated", "truncated", "empty_file")),
-               **_pick_defects(rng, test1, ("blank",))}
+    defects = {
+        **_pick_defects(rng, train, ("saturated", "truncated", "empty_file")),
+        **_pick_defects(rng, test1, ("blank",)),
+    }
     jobs, gt = [], []
     for i, (split, loc, k) in enumerate(cells):
         optics, expression = _coos7_condition(rng, split, reference)
@@ -409,8 +556,13 @@ def plan_coos7(root: Path, seed: int, scale: float) -> LayoutPlan:
         name = f"{protein}_plate{1 + k // 8:02d}_{k:04d}"
         folder = root / split / loc
         job = CellJob(
-            seed=(seed, 5, i), organism="mouse", pattern=COOS7_PATTERN.get(loc, loc), protein_level=expression,
-            levels=((400.0, 3000.0), (350.0, 5000.0)), optics=optics, fmt="tiff16",
+            seed=(seed, 5, i),
+            organism="mouse",
+            pattern=COOS7_PATTERN.get(loc, loc),
+            protein_level=expression,
+            levels=((400.0, 3000.0), (350.0, 5000.0)),
+            optics=optics,
+            fmt="tiff16",
             paths=(str(folder / f"{name}_protein.tif"), str(folder / f"{name}_nucleus.tif")),
             defect=defects.get(i, ""),
         )
@@ -430,8 +582,14 @@ SYNTHETIC_COMPOUNDS = (
 )
 
 
-SYNTHETIC_SIRNAS = {"s1011": ("TUBB", 1.0), "s1012": ("TUBB", 0.8), "s2021": ("LMNA", 1.0),
-                    "s2022": ("LMNA", 0.8), "s3031": ("CCNB1", 1.0), "s3032": ("CCNB1", 0.8)}
+SYNTHETIC_SIRNAS = {
+    "s1011": ("TUBB", 1.0),
+    "s1012": ("TUBB", 0.8),
+    "s2021": ("LMNA", 1.0),
+    "s2022": ("LMNA", 0.8),
+    "s3031": ("CCNB1", 1.0),
+    "s3032": ("CCNB1", 0.8),
+}
 
 
 SYNTHETIC_CELL_TYPES = ("u2os", "hepg2", "huvec", "nih3t3")
@@ -446,12 +604,15 @@ SYNTHETIC_VARIANTS = (
 )
 
 
-SYNTHETIC_LEVELS16 = {"dna": (500.0, 5000.0), "actin": (800.0, 2800.0), "tubulin": (900.0, 3200.0),
-                      "brightfield": (0.0, 20000.0)}
+SYNTHETIC_LEVELS16 = {
+    "dna": (500.0, 5000.0),
+    "actin": (800.0, 2800.0),
+    "tubulin": (900.0, 3200.0),
+    "brightfield": (0.0, 20000.0),
+}
 
 
-SYNTHETIC_LEVELS8 = {"dna": (5.0, 120.0), "mitochondria": (6.0, 110.0), "er": (6.0, 100.0),
-                     "brightfield": (0.0, 140.0)}
+SYNTHETIC_LEVELS8 = {"dna": (5.0, 120.0), "mitochondria": (6.0, 110.0), "er": (6.0, 100.0), "brightfield": (0.0, 140.0)}
 
 
 SYNTHETIC_N_PLATES = 8  # plate p belongs to batch (p - 1) // 2 + 1
@@ -462,11 +623,26 @@ def _synthetic_conditions(scale: float) -> list[dict]:
     conds = []
     for compound, moa, potency, concs in SYNTHETIC_COMPOUNDS:
         for j, conc in enumerate(concs):
-            conds.append(dict(kind="compound", compound=compound, phenotype=moa, concentration=conc,
-                              effect=moa_effect(moa, dose_strength(j + 1, len(concs) + 1, potency)),
-                              n=_count(18, scale)))
-    conds.append(dict(kind="compound", compound="DMSO", phenotype="", concentration=0.0, effect=NEUTRAL,
-                      n=_count(48, scale, minimum=6)))
+            conds.append(
+                dict(
+                    kind="compound",
+                    compound=compound,
+                    phenotype=moa,
+                    concentration=conc,
+                    effect=moa_effect(moa, dose_strength(j + 1, len(concs) + 1, potency)),
+                    n=_count(18, scale),
+                )
+            )
+    conds.append(
+        dict(
+            kind="compound",
+            compound="DMSO",
+            phenotype="",
+            concentration=0.0,
+            effect=NEUTRAL,
+            n=_count(48, scale, minimum=6),
+        )
+    )
     for sirna, (gene, eff) in SYNTHETIC_SIRNAS.items():
         conds.append(dict(kind="sirna", sirna=sirna, gene=gene, effect=_gene_effect(gene, eff), n=_count(18, scale)))
     conds.append(dict(kind="brightfield", effect=NEUTRAL, n=_count(24, scale, minimum=2)))
@@ -480,8 +656,13 @@ def plan_synthetic(root: Path, seed: int, scale: float, size: int) -> LayoutPlan
     images: list[dict] = []
     for cond in _synthetic_conditions(scale):
         for _ in range(cond["n"]):
-            images.append(dict(cond, plate=1 + (len(images) % SYNTHETIC_N_PLATES),
-                               cell_type=SYNTHETIC_CELL_TYPES[int(rng.integers(len(SYNTHETIC_CELL_TYPES)))]))
+            images.append(
+                dict(
+                    cond,
+                    plate=1 + (len(images) % SYNTHETIC_N_PLATES),
+                    cell_type=SYNTHETIC_CELL_TYPES[int(rng.integers(len(SYNTHETIC_CELL_TYPES)))],
+                )
+            )
     # Wells: images of one condition on one plate share wells; more sites per well at larger
     # scales so the 308 wells of a plate always suffice.
     sites_per_well = 3 * math.ceil(scale)
@@ -511,35 +692,48 @@ def plan_synthetic(root: Path, seed: int, scale: float, size: int) -> LayoutPlan
             fmt, stains = "tiff16", ("dna", "actin", "tubulin")
         ext = "png" if fmt == "png8" else "tif"
         folder = root / "images" / plate
-        paths = ((str(folder / f"{image_id}_stack.tif"),) if fmt == "stack16"
-                 else tuple(str(folder / f"{image_id}_{s}.{ext}") for s in stains))
+        paths = (
+            (str(folder / f"{image_id}_stack.tif"),)
+            if fmt == "stack16"
+            else tuple(str(folder / f"{image_id}_{s}.{ext}") for s in stains)
+        )
         levels = SYNTHETIC_LEVELS8 if fmt == "png8" else SYNTHETIC_LEVELS16
         base_optics = plates[im["plate"]]
         optics = replace(base_optics, gain=0.3, read_noise=0.8, max_value=255) if fmt == "png8" else base_optics
         job = FieldJob(
-            seed=(seed, 6, i), size=size, cell_type=im["cell_type"], effect=im["effect"], stains=stains,
-            levels=tuple(levels[s] for s in stains), optics=optics, fmt=fmt, paths=paths, defect=defect,
+            seed=(seed, 6, i),
+            size=size,
+            cell_type=im["cell_type"],
+            effect=im["effect"],
+            stains=stains,
+            levels=tuple(levels[s] for s in stains),
+            optics=optics,
+            fmt=fmt,
+            paths=paths,
+            defect=defect,
             text=f"{plate} {well}\nsite {site}",
         )
         jobs.append(job)
         gt += _defect_rows(job, root)
         ct = CELL_TYPES[im["cell_type"]]
         bright = im["kind"] == "brightfield"
-        rows.append([
-            image_id,
-            ";".join(Path(p).relative_to(root).as_posix() for p in paths),
-            "|".join(stains),
-            ct.organism,
-            ct.name,
-            "" if bright else "|".join(VISIBLE[s] for s in stains),
-            im.get("phenotype", ""),
-            im.get("compound", ""),
-            _format_concentration(im["concentration"]) if "concentration" in im else "",
-            im.get("sirna", ""),
-            im.get("gene", ""),
-            "brightfield" if bright else "fluorescence",
-            plate,
-            well,
-            f"batch{(im['plate'] - 1) // 2 + 1}",
-        ])
+        rows.append(
+            [
+                image_id,
+                ";".join(Path(p).relative_to(root).as_posix() for p in paths),
+                "|".join(stains),
+                ct.organism,
+                ct.name,
+                "" if bright else "|".join(VISIBLE[s] for s in stains),
+                im.get("phenotype", ""),
+                im.get("compound", ""),
+                _format_concentration(im["concentration"]) if "concentration" in im else "",
+                im.get("sirna", ""),
+                im.get("gene", ""),
+                "brightfield" if bright else "fluorescence",
+                plate,
+                well,
+                f"batch{(im['plate'] - 1) // 2 + 1}",
+            ]
+        )
     return LayoutPlan(jobs, {"metadata.csv": rows}, gt, len(jobs))

@@ -170,8 +170,14 @@ class Field:
             radius, aspect = radius * 0.7, 1.05
         aspect = max(aspect, 1.0)
         theta = float(rng.uniform(0, math.pi))
-        cell = _Shape(cx, cy, radius * math.sqrt(aspect), radius / math.sqrt(aspect), theta,
-                      _harmonics(rng, ct.irregularity * (0.4 if mitotic else 1.0)))
+        cell = _Shape(
+            cx,
+            cy,
+            radius * math.sqrt(aspect),
+            radius / math.sqrt(aspect),
+            theta,
+            _harmonics(rng, ct.irregularity * (0.4 if mitotic else 1.0)),
+        )
         self._claim_cell(cell, index)
         self.cyto_gain.append(float(rng.lognormal(0, 0.22)) * eff.cytoplasm)
         self.dna_gain.append(float(rng.lognormal(0, 0.15)) * (1.8 if mitotic else 1.0))
@@ -187,7 +193,9 @@ class Field:
         self.points["golgi"].append((ncx + 1.5 * rn * math.cos(direction), ncy + 1.5 * rn * math.sin(direction)))
         for t in (direction, direction + 0.5):
             self.points["golgi"].append((ncx + 1.25 * rn * math.cos(t), ncy + 1.25 * rn * math.sin(t)))
-        self.points["centrosome"].append((ncx + 1.15 * rn * math.cos(direction + 0.3), ncy + 1.15 * rn * math.sin(direction + 0.3)))
+        self.points["centrosome"].append(
+            (ncx + 1.15 * rn * math.cos(direction + 0.3), ncy + 1.15 * rn * math.sin(direction + 0.3))
+        )
         self._add_peroxisomes(cell, 3, 8)
         self._scatter(cell, "bodies", int(rng.integers(0, 3)), 0.55, 0.85)
 
@@ -224,8 +232,14 @@ class Field:
             rn = rn_base * float(rng.lognormal(0, 0.06))
             n_aspect = 1.0 + abs(rng.normal(0, 0.18))
             irregular = 0.03 + 0.25 * eff.nuclear_irregularity
-            nucleus = _Shape(ncx, ncy, rn * math.sqrt(n_aspect), rn / math.sqrt(n_aspect),
-                             cell.theta + rng.normal(0, 0.3), _harmonics(rng, irregular))
+            nucleus = _Shape(
+                ncx,
+                ncy,
+                rn * math.sqrt(n_aspect),
+                rn / math.sqrt(n_aspect),
+                cell.theta + rng.normal(0, 0.3),
+                _harmonics(rng, irregular),
+            )
             patch = nucleus.patch(self.size, 1.3)
             if patch is not None:
                 box, d, _, _ = patch
@@ -240,8 +254,14 @@ class Field:
         ncx, ncy, _ = nucleus
         away = math.atan2(cell.cy - ncy, cell.cx - ncx)
         rv = radius * float(self.rng.uniform(0.38, 0.5))
-        vac = _Shape(cell.cx + 0.3 * radius * math.cos(away), cell.cy + 0.3 * radius * math.sin(away),
-                     rv, rv * 0.92, float(self.rng.uniform(0, math.pi)), _harmonics(self.rng, 0.04))
+        vac = _Shape(
+            cell.cx + 0.3 * radius * math.cos(away),
+            cell.cy + 0.3 * radius * math.sin(away),
+            rv,
+            rv * 0.92,
+            float(self.rng.uniform(0, math.pi)),
+            _harmonics(self.rng, 0.04),
+        )
         patch = vac.patch(self.size, 1.3)
         if patch is not None:
             box, d, _, _ = patch
@@ -252,8 +272,9 @@ class Field:
         t = float(rng.uniform(0, 2 * math.pi))
         rb = radius * float(rng.uniform(0.45, 0.7))
         dist = radius * 0.95 + 0.6 * rb
-        bud = _Shape(mother.cx + dist * math.cos(t), mother.cy + dist * math.sin(t), rb, rb * 0.92, t,
-                     _harmonics(rng, 0.03))
+        bud = _Shape(
+            mother.cx + dist * math.cos(t), mother.cy + dist * math.sin(t), rb, rb * 0.92, t, _harmonics(rng, 0.03)
+        )
         self._claim_cell(bud, len(self.cyto_gain))
         self.cyto_gain.append(self.cyto_gain[-1])
         self.dna_gain.append(0.0)
@@ -264,7 +285,9 @@ class Field:
         # A short spindle through the nucleus pointing at the bud, poles at its ends.
         ends = [(ncx + e * rn * math.cos(t), ncy + e * rn * math.sin(t)) for e in (-0.9, 0.9)]
         for f in np.linspace(0.0, 1.0, 7):
-            self.points["spindle"].append((ends[0][0] + f * (ends[1][0] - ends[0][0]), ends[0][1] + f * (ends[1][1] - ends[0][1])))
+            self.points["spindle"].append(
+                (ends[0][0] + f * (ends[1][0] - ends[0][0]), ends[0][1] + f * (ends[1][1] - ends[0][1]))
+            )
         self.points["poles"].extend(ends)
 
     def _add_peroxisomes(self, cell: _Shape, low: int, high: int) -> None:
@@ -387,8 +410,15 @@ class Field:
     def _s_mitochondria(self):
         tubules = np.exp(-((self.n(1.6) / 0.35) ** 2)) * np.clip(self.n(4) + 0.6, 0, 1)
         perinuclear = np.exp(-1.5 * self.best_d) + 0.15
-        return (self.structure("body") * self.structure("cyto_gain") * self.effect.mitochondria
-                * tubules * perinuclear * (1.0 - 0.8 * self.structure("nucleus")) * 1.6)
+        return (
+            self.structure("body")
+            * self.structure("cyto_gain")
+            * self.effect.mitochondria
+            * tubules
+            * perinuclear
+            * (1.0 - 0.8 * self.structure("nucleus"))
+            * 1.6
+        )
 
     def _s_er(self):
         network = 0.2 + np.exp(-((self.n(1.1) / 0.45) ** 2))
@@ -436,8 +466,14 @@ class Field:
         body = self.structure("body")
         edge = _ring(d, 0.06)
         halo = _ring(d, 0.08, at=1.14) * (d > 1.0)
-        return (1.0 - 0.35 * edge + 0.22 * halo + body * (0.04 * self.n(2) - 0.03)
-                - 0.08 * self.structure("nucleus") - 0.12 * _ring(self.nuc_d, 0.08))
+        return (
+            1.0
+            - 0.35 * edge
+            + 0.22 * halo
+            + body * (0.04 * self.n(2) - 0.03)
+            - 0.08 * self.structure("nucleus")
+            - 0.12 * _ring(self.nuc_d, 0.08)
+        )
 
     def stain(self, recipe: dict[str, float]) -> np.ndarray:
         out = np.zeros((self.size, self.size), np.float32)
@@ -545,8 +581,16 @@ def render_cell(job: CellJob) -> list[np.ndarray]:
     dead, ghost = job.pattern == "dead", job.pattern == "ghost"
     yeast = job.organism == "yeast"
     effect = Effect(cell_scale=0.8) if dead else NEUTRAL
-    field_ = Field(rng, CROP_SIZE, YEAST if yeast else MOUSE_CROP, effect, px_scale=1.0, centred=True,
-                   yeast=yeast, force_bud=job.pattern in ("budneck", "spindle", "spindle_pole"))
+    field_ = Field(
+        rng,
+        CROP_SIZE,
+        YEAST if yeast else MOUSE_CROP,
+        effect,
+        px_scale=1.0,
+        centred=True,
+        yeast=yeast,
+        force_bud=job.pattern in ("budneck", "spindle", "spindle_pole"),
+    )
     if dead:
         protein = 2.2 * field_.structure("body") + 0.4 * field_.structure("cytoplasm")
         reference = 2.5 * field_.structure("body")

@@ -45,9 +45,7 @@ def get_adapter(name: str) -> Adapter:
     except ModuleNotFoundError as exc:
         if exc.name != module_name:
             raise
-        raise SourceError(
-            f"adapter {name!r} is registered but its module {module_name} is not installed"
-        ) from None
+        raise SourceError(f"adapter {name!r} is registered but its module {module_name} is not installed") from None
     return module.adapt
 
 

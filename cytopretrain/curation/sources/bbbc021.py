@@ -62,9 +62,7 @@ def adapt(root: Path, source: str, options: dict) -> AdapterResult:
         listing[channel] = (base + "/" + folder + "/" + name).where(name.str.strip() != "")
     plate = images["Image_Metadata_Plate_DAPI"]
     compound = images["Image_Metadata_Compound"].str.lower().str.strip()
-    concentration = parse_numbers(
-        images["Image_Metadata_Concentration"], image_csv, "Image_Metadata_Concentration"
-    )
+    concentration = parse_numbers(images["Image_Metadata_Concentration"], image_csv, "Image_Metadata_Concentration")
     listing = listing.assign(
         where=f"{image_csv} row " + (images.index + 2).astype(str) + ": " + base + "/" + plate,
         compound=compound,
@@ -88,9 +86,7 @@ def _image_table_path(root: Path) -> Path:
     raise SourceError(f"BBBC021 image table not found: {root / 'BBBC021_v1_image.csv'} (or .csv.gz)")
 
 
-def _moa_per_image(
-    compound: pd.Series, concentration: pd.Series, moa: pd.DataFrame, moa_csv: Path
-) -> pd.Series:
+def _moa_per_image(compound: pd.Series, concentration: pd.Series, moa: pd.DataFrame, moa_csv: Path) -> pd.Series:
     """The lowercase MOA of each image's treatment, "" where the MOA table has none."""
     treatments = pd.DataFrame({"row": compound.index, "compound": compound, "concentration": concentration})
     annotations = pd.DataFrame(

@@ -54,9 +54,7 @@ def adapt(root: Path, source: str, options: dict) -> AdapterResult:
         parts.append(samples.assign(split=split))
     samples = pd.concat(parts, ignore_index=True)
     if samples.empty:
-        raise SourceError(
-            f"sources.{source}: no <LOCALIZATION>/<name>_{{protein,nucleus}} files under {root}"
-        )
+        raise SourceError(f"sources.{source}: no <LOCALIZATION>/<name>_{{protein,nucleus}} files under {root}")
     listing = samples.assign(
         where=samples["folder"] + "/" + samples["sample"] + "_*",
         phenotype=samples["rel"].str.lower().str.replace("_", " "),

@@ -55,20 +55,14 @@ def adapt(root: Path, source: str, options: dict) -> AdapterResult:
     opts = resolve_options(options, DEFAULTS, source)
     category = check_label_column(opts["category"], source, "category")
     label_from = check_choice(opts["label_from"], ("folder", "filename"), source, "label_from")
-    drop = {
-        label.upper()
-        for label in check_str_list(opts["drop_labels"], source, "drop_labels", allow_empty=True)
-    }
+    drop = {label.upper() for label in check_str_list(opts["drop_labels"], source, "drop_labels", allow_empty=True)}
     merge = {
-        str(k).upper(): str(v).upper()
-        for k, v in check_mapping(opts["merge_labels"], source, "merge_labels").items()
+        str(k).upper(): str(v).upper() for k, v in check_mapping(opts["merge_labels"], source, "merge_labels").items()
     }
     constants = check_constants(opts["constants"], source)
     extensions = check_extensions(opts["extensions"], source)
 
-    samples = channel_samples(
-        scan_files(root, depth=1), CHANNELS.keys, extensions, f"sources.{source} ({root})"
-    )
+    samples = channel_samples(scan_files(root, depth=1), CHANNELS.keys, extensions, f"sources.{source} ({root})")
     if samples.empty:
         raise SourceError(f"sources.{source}: no <LABEL>/<name>_{{gfp,rfp}} files under {root}")
     raw = samples["rel"] if label_from == "folder" else samples["sample"].str.split("_").str[0]

@@ -71,9 +71,7 @@ class Channels:
 
     keys: tuple[str, ...]  # name in the source: file suffix or column, one listing column each
     names: tuple[str, ...]  # canonical channel names, "|"-joined into ``channels``
-    visible: tuple[str, ...] | None = (
-        None  # stained structure per channel ("" = none); None: leave cell_visible
-    )
+    visible: tuple[str, ...] | None = None  # stained structure per channel ("" = none); None: leave cell_visible
 
 
 def scan_files(root: Path, depth: int) -> pd.DataFrame:
@@ -200,9 +198,7 @@ def assemble(
     pattern = present @ (1 << np.arange(len(keys), dtype=np.int64))
     n_present = present.sum(axis=1)
     preset = (
-        listing["issue_reason"].notna().to_numpy()
-        if "issue_reason" in listing
-        else np.zeros(len(listing), dtype=bool)
+        listing["issue_reason"].notna().to_numpy() if "issue_reason" in listing else np.zeros(len(listing), dtype=bool)
     )
     complete = n_present == len(keys)
     kept = ~preset & (complete | (keep_incomplete & (n_present > 0)))
@@ -266,9 +262,7 @@ def _issue_rows(
     where = listing["where"].astype(str)
     missing = ~preset & (n_present == 0)
     issues.loc[missing, "reason"] = "missing_files"
-    issues.loc[missing, "detail"] = (
-        f"no file for any channel ({', '.join(channels.keys)}) of " + where[missing]
-    )
+    issues.loc[missing, "detail"] = f"no file for any channel ({', '.join(channels.keys)}) of " + where[missing]
     partial = ~preset & ~kept & (n_present > 0)
     for code in np.unique(pattern[partial]):
         rows = partial & (pattern == code)

@@ -117,9 +117,7 @@ def adapt(root: Path, source: str, options: dict) -> AdapterResult:
 
 
 def _cells_listing(root: Path, channels: Channels, extensions: list[str], source: str) -> pd.DataFrame:
-    samples = channel_samples(
-        scan_files(root, depth=1), channels.keys, extensions, f"sources.{source} ({root})"
-    )
+    samples = channel_samples(scan_files(root, depth=1), channels.keys, extensions, f"sources.{source} ({root})")
     if samples.empty:
         raise SourceError(f"sources.{source}: no <PROTEIN>_<plate>_<well>/<...>_<color> files under {root}")
     folders = pd.Series(samples["rel"].unique(), dtype="string")
@@ -140,17 +138,13 @@ def _cells_listing(root: Path, channels: Channels, extensions: list[str], source
     )
 
 
-def _kaggle_listing(
-    root: Path, channels: Channels, extensions: list[str], source: str, opts: dict
-) -> pd.DataFrame:
+def _kaggle_listing(root: Path, channels: Channels, extensions: list[str], source: str, opts: dict) -> pd.DataFrame:
     csv = require_file(root / opts["csv"], f"sources.{source}: HPA label table")
     images = root / opts["images"]
     if not images.is_dir():
         raise SourceError(f"sources.{source}: HPA image folder not found: {images}")
     labels = _read_targets(csv)
-    samples = channel_samples(
-        scan_files(images, depth=0), channels.keys, extensions, f"sources.{source} ({images})"
-    )
+    samples = channel_samples(scan_files(images, depth=0), channels.keys, extensions, f"sources.{source} ({images})")
     if samples.empty:
         raise SourceError(f"sources.{source}: no <Id>_<color> image files in {images}")
     listing = labels.merge(samples.rename(columns={"sample": "Id"}), on="Id", how="outer", indicator=True)
@@ -186,8 +180,7 @@ def _read_targets(csv: Path) -> pd.DataFrame:
     if bad.any():
         row = bad[bad].index[0]
         raise SourceError(
-            f"{csv}: Target of id {table.loc[row, 'Id']!r} must be class numbers 0-27, "
-            f"got {table.loc[row, 'Target']!r}"
+            f"{csv}: Target of id {table.loc[row, 'Id']!r} must be class numbers 0-27, got {table.loc[row, 'Target']!r}"
         )
     names = pd.Series(LOCALIZATIONS)
     ordered = numbers.dropna().astype(int).reset_index().sort_values(["index", "Target"], kind="stable")

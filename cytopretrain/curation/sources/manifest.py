@@ -63,9 +63,7 @@ def adapt(root: Path, source: str, options: dict) -> AdapterResult:
     file_columns, channels = _channel_layout(opts, source)
     for column in dict.fromkeys([*columns.values(), *file_columns]):
         if column not in manifest:
-            raise SourceError(
-                f"{manifest_path}: missing column {column!r} (named in sources.{source}.options)"
-            )
+            raise SourceError(f"{manifest_path}: missing column {column!r} (named in sources.{source}.options)")
 
     folder = str(manifest_path.parent.absolute())
     listing = pd.DataFrame(index=manifest.index)
@@ -101,8 +99,7 @@ def _channel_layout(opts: dict, source: str) -> tuple[list[str], Channels]:
     by_columns, by_path = opts["channel_columns"], opts["path_column"]
     if (by_columns is None) == (by_path is None):
         raise SourceError(
-            f"give exactly one of {option_key(source, 'channel_columns')} "
-            f"and {option_key(source, 'path_column')}"
+            f"give exactly one of {option_key(source, 'channel_columns')} and {option_key(source, 'path_column')}"
         )
     if by_columns is not None:
         file_columns = check_str_list(by_columns, source, "channel_columns")

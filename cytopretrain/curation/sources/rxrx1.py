@@ -180,9 +180,7 @@ def _disk_sites(image_dirs: dict, extensions: list[str], source: str) -> pd.Data
         parts.append(found.assign(split=split))
     disk = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
     if disk.empty:
-        raise SourceError(
-            f"sources.{source}: no RxRx1 image files in {[str(f) for f in image_dirs.values()]}"
-        )
+        raise SourceError(f"sources.{source}: no RxRx1 image files in {[str(f) for f in image_dirs.values()]}")
     disk["plate"] = disk["plate"].str.lstrip("0")
     disk["site"] = disk["site"].str.lstrip("0")
     return disk.drop(columns=["rel", "sample"])
@@ -204,8 +202,7 @@ def _listing(
         absent = listing["_well_on_disk"].isna()
         if absent.any():
             log.info(
-                "sources.%s: %d metadata sites belong to wells with no file on disk "
-                "(only_present: not reported)",
+                "sources.%s: %d metadata sites belong to wells with no file on disk (only_present: not reported)",
                 source,
                 int(absent.sum()),
             )

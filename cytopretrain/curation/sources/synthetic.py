@@ -22,13 +22,36 @@ from cytopretrain.curation.sources.base import AdapterResult, finish, require_fi
 
 METADATA_FILE = "metadata.csv"
 NATIVE_COLUMNS = (
-    "image_id", "files", "channels", "organism", "cell_type", "cell_visible", "phenotype", "compound",
-    "concentration", "sirna", "gene", "microscopy", "plate", "well", "batch",
+    "image_id",
+    "files",
+    "channels",
+    "organism",
+    "cell_type",
+    "cell_visible",
+    "phenotype",
+    "compound",
+    "concentration",
+    "sirna",
+    "gene",
+    "microscopy",
+    "plate",
+    "well",
+    "batch",
 )
 REQUIRED_COLUMNS = ("image_id", "files", "microscopy")
 # Native columns copied unchanged into the canonical table (conform lowercases the text ones).
-COPIED_COLUMNS = ("organism", "cell_type", "cell_visible", "phenotype", "compound", "sirna", "microscopy",
-                  "plate", "well", "batch")
+COPIED_COLUMNS = (
+    "organism",
+    "cell_type",
+    "cell_visible",
+    "phenotype",
+    "compound",
+    "sirna",
+    "microscopy",
+    "plate",
+    "well",
+    "batch",
+)
 MULTIPAGE_SUFFIXES = (".tif", ".tiff")
 
 
@@ -71,8 +94,7 @@ def _read_rows(metadata: Path) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
-def _canonical_row(root: Path, source: str, metadata: Path, header: list[str], index: int,
-                   values: list[str]) -> dict:
+def _canonical_row(root: Path, source: str, metadata: Path, header: list[str], index: int, values: list[str]) -> dict:
     row = dict(zip(header, (v.strip() for v in values)))
     where = f"{metadata} row {index + 1} (image_id {row.get('image_id', '')!r})"
     if not row["image_id"]:

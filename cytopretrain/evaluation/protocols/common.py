@@ -18,8 +18,9 @@ def require_columns(profiles: pd.DataFrame, columns: Sequence[str], protocol: st
         raise EvaluationError(f"{protocol}: profiles must be a pandas DataFrame, got {type(profiles).__name__}")
     missing = [c for c in columns if c not in profiles.columns]
     if missing:
-        raise EvaluationError(f"{protocol}: column(s) {missing} not in the profile table "
-                              f"(metadata columns: {metadata_columns(profiles)})")
+        raise EvaluationError(
+            f"{protocol}: column(s) {missing} not in the profile table (metadata columns: {metadata_columns(profiles)})"
+        )
 
 
 def feature_matrix(profiles: pd.DataFrame, protocol: str) -> np.ndarray:
@@ -27,17 +28,21 @@ def feature_matrix(profiles: pd.DataFrame, protocol: str) -> np.ndarray:
     columns = feature_columns(profiles)
     if not columns:
         raise EvaluationError(f"{protocol}: no feature columns (every column starts with {METADATA_PREFIX!r})")
-    non_numeric = [c for c in columns if not pd.api.types.is_numeric_dtype(profiles[c])
-                   or pd.api.types.is_bool_dtype(profiles[c])]
+    non_numeric = [
+        c for c in columns if not pd.api.types.is_numeric_dtype(profiles[c]) or pd.api.types.is_bool_dtype(profiles[c])
+    ]
     if non_numeric:
-        raise EvaluationError(f"{protocol}: non-numeric feature column(s) {non_numeric[:5]}; "
-                              f"metadata columns must start with {METADATA_PREFIX!r}")
+        raise EvaluationError(
+            f"{protocol}: non-numeric feature column(s) {non_numeric[:5]}; "
+            f"metadata columns must start with {METADATA_PREFIX!r}"
+        )
     dtype = np.float32 if all(profiles[c].dtype == np.float32 for c in columns) else np.float64
     values = np.ascontiguousarray(profiles[columns].to_numpy(dtype=dtype))
     bad = ~np.isfinite(values).all(axis=0)
     if bad.any():
-        raise EvaluationError(f"{protocol}: NaN or infinite values in feature column(s) "
-                              f"{[columns[i] for i in np.flatnonzero(bad)][:5]}")
+        raise EvaluationError(
+            f"{protocol}: NaN or infinite values in feature column(s) {[columns[i] for i in np.flatnonzero(bad)][:5]}"
+        )
     return values
 
 
@@ -49,6 +54,7 @@ def label_values(profiles: pd.DataFrame, column: str, protocol: str) -> np.ndarr
 
 
 # --- results -------------------------------------------------------------------------------
+
 
 def ci95(accuracy: float, n: int) -> float:
     return float(1.96 * np.sqrt(accuracy * (1 - accuracy) / n))
@@ -72,11 +78,21 @@ def accuracy_result(protocol: str, y_true: np.ndarray, y_pred: Sequence, **detai
     per_class = {}
     for label in sorted(set(truth)):
         rows = np.array([t == label for t in truth])
-        per_class[label] = {"n": int(rows.sum()), "correct": int(hits[rows].sum()),
-                            "accuracy": float(hits[rows].mean())}
-    return {"protocol": protocol, "n": n, "correct": int(hits.sum()), "accuracy": accuracy,
-            "ci95": ci95(accuracy, n), "per_class": per_class,
-            "confusion": {"labels": labels, "matrix": matrix.tolist()}, **details}
+        per_class[label] = {
+            "n": int(rows.sum()),
+            "correct": int(hits[rows].sum()),
+            "accuracy": float(hits[rows].mean()),
+        }
+    return {
+        "protocol": protocol,
+        "n": n,
+        "correct": int(hits.sum()),
+        "accuracy": accuracy,
+        "ci95": ci95(accuracy, n),
+        "per_class": per_class,
+        "confusion": {"labels": labels, "matrix": matrix.tolist()},
+        **details,
+    }
 
 
 def vote(neighbour_codes: np.ndarray) -> np.ndarray:

@@ -34,8 +34,7 @@ def embedding_2d(profiles: pd.DataFrame | np.ndarray, method: str = "fastica", s
     if values.shape[0] < 3:
         raise EvaluationError("embedding_2d: needs at least three rows")
     if method == "fastica":
-        model = FastICA(n_components=2, fun="cube", max_iter=3000, tol=1e-5,
-                        whiten="unit-variance", random_state=seed)
+        model = FastICA(n_components=2, fun="cube", max_iter=3000, tol=1e-5, whiten="unit-variance", random_state=seed)
     elif method == "pca":
         model = PCA(n_components=2, svd_solver="full")
     else:
@@ -45,8 +44,9 @@ def embedding_2d(profiles: pd.DataFrame | np.ndarray, method: str = "fastica", s
         return model.fit_transform(values)
 
 
-def nn_agreement(profiles: pd.DataFrame, *, label_col: str = "Metadata_label",
-                 space: str = "fastica", seed: int = 0) -> dict:
+def nn_agreement(
+    profiles: pd.DataFrame, *, label_col: str = "Metadata_label", space: str = "fastica", seed: int = 0
+) -> dict:
     """Seed 000 "consensus": share of rows whose nearest other row has the same label.
 
     Nearest = Euclidean 1-NN (the row itself excluded; ties to the earlier row) in

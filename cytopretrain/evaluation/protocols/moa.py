@@ -76,8 +76,16 @@ def nscb(
     return _moa_protocol("nscb", profiles, moa_col, compound_col, concentration_col, batch_col, control, aggregate)
 
 
-def _moa_protocol(protocol: str, profiles: pd.DataFrame, moa_col: str, compound_col: str,
-                  concentration_col: str, batch_col: str | None, control: str, aggregate: str) -> dict:
+def _moa_protocol(
+    protocol: str,
+    profiles: pd.DataFrame,
+    moa_col: str,
+    compound_col: str,
+    concentration_col: str,
+    batch_col: str | None,
+    control: str,
+    aggregate: str,
+) -> dict:
     columns = [moa_col, compound_col, concentration_col] + ([batch_col] if batch_col else [])
     require_columns(profiles, columns, protocol)
     if aggregate not in ("mean", "median"):
@@ -97,12 +105,15 @@ def _moa_protocol(protocol: str, profiles: pd.DataFrame, moa_col: str, compound_
     treatment_profiles = (grouped.mean() if aggregate == "mean" else grouped.median()).loc[info.index]
     several = info[info["moa"].map(len) > 1]
     if len(several):
-        raise EvaluationError(f"{protocol}: treatment(s) with several MOAs in {moa_col!r}: "
-                              f"{list(several.index[:3])}")
+        raise EvaluationError(f"{protocol}: treatment(s) with several MOAs in {moa_col!r}: {list(several.index[:3])}")
     info["moa"] = info["moa"].map(lambda values: str(values[0]))
-    details: dict = {"n_rows_input": len(profiles), "n_rows_control": int(is_control.sum()),
-                     "n_rows_unlabelled": int(unlabelled.sum()), "n_rows_used": len(rows),
-                     "aggregate": aggregate}
+    details: dict = {
+        "n_rows_input": len(profiles),
+        "n_rows_control": int(is_control.sum()),
+        "n_rows_unlabelled": int(unlabelled.sum()),
+        "n_rows_used": len(rows),
+        "aggregate": aggregate,
+    }
     group_codes = [pd.factorize(info.index.get_level_values(0))[0][:, None]]
     if batch_col:
         info["batches"] = rows.groupby(key, sort=True)[batch_col].apply(lambda s: sorted(set(map(str, s))))
@@ -120,10 +131,15 @@ def _moa_protocol(protocol: str, profiles: pd.DataFrame, moa_col: str, compound_
     predicted = decode(neighbours[:, 0], moas)
     details["chance_accuracy"] = _chance_accuracy(codes, moas)
     details["treatments"] = [
-        {"compound": str(c), "concentration": float(conc), "moa": moa, "predicted": pred,
-         "neighbour_compound": None if j < 0 else str(info.index[j][0]),
-         "neighbour_concentration": None if j < 0 else float(info.index[j][1]),
-         "distance": None if j < 0 else float(d)}
+        {
+            "compound": str(c),
+            "concentration": float(conc),
+            "moa": moa,
+            "predicted": pred,
+            "neighbour_compound": None if j < 0 else str(info.index[j][0]),
+            "neighbour_concentration": None if j < 0 else float(info.index[j][1]),
+            "distance": None if j < 0 else float(d),
+        }
         for (c, conc), moa, pred, j, d in zip(info.index, moas, predicted, neighbours[:, 0], distances[:, 0])
     ]
     details["n_without_neighbour"] = int((neighbours[:, 0] < 0).sum())
@@ -137,7 +153,7 @@ def _batch_codes(batches: pd.Series) -> np.ndarray:
     codes = np.full((len(batches), width), -1, dtype=np.int64)
     offset = len(batches)  # compound codes are < number of treatments
     for row, bs in enumerate(batches):
-        codes[row, :len(bs)] = [offset + names[b] for b in bs]
+        codes[row, : len(bs)] = [offset + names[b] for b in bs]
     return codes
 
 
@@ -183,8 +199,12 @@ def bbbc021_from_well_profiles(
 def bbbc021_well_results(profiles: pd.DataFrame, *, aggregate: str = "mean") -> dict:
     """``bbbc021_from_well_profiles``'s result from its joined table (``bbbc021_well_table``)."""
     n_features = sum(not column.startswith("Metadata_") for column in profiles.columns)
-    return {"nsc": nsc(profiles, aggregate=aggregate), "nscb": nscb(profiles, aggregate=aggregate),
-            "n_wells": len(profiles), "n_features": n_features}
+    return {
+        "nsc": nsc(profiles, aggregate=aggregate),
+        "nscb": nscb(profiles, aggregate=aggregate),
+        "n_wells": len(profiles),
+        "n_features": n_features,
+    }
 
 
 def bbbc021_well_table(
@@ -211,31 +231,46 @@ def bbbc021_well_table(
     treatments = images[image_keys + ["Image_Metadata_Compound", "Image_Metadata_Concentration"]].drop_duplicates()
     conflicting = treatments.duplicated(image_keys, keep=False)
     if conflicting.any():
-        raise EvaluationError(f"image_csv: wells with several compounds/concentrations: "
-                              f"{treatments[conflicting][image_keys].drop_duplicates().head(3).values.tolist()}")
+        raise EvaluationError(
+            f"image_csv: wells with several compounds/concentrations: "
+            f"{treatments[conflicting][image_keys].drop_duplicates().head(3).values.tolist()}"
+        )
     # Join on the key columns only, then put the (wide) features back in well order.
     keys = wells[[plate_col, well_col]].reset_index(drop=True)
-    joined = keys.merge(treatments, how="left", left_on=[plate_col, well_col], right_on=image_keys,
-                        validate="one_to_one", indicator=True)
+    joined = keys.merge(
+        treatments,
+        how="left",
+        left_on=[plate_col, well_col],
+        right_on=image_keys,
+        validate="one_to_one",
+        indicator=True,
+    )
     unmatched = joined["_merge"] != "both"
     if unmatched.any():
-        raise EvaluationError(f"well_table: {int(unmatched.sum())} well(s) not in image_csv, e.g. "
-                              f"{joined.loc[unmatched, [plate_col, well_col]].head(3).values.tolist()}")
+        raise EvaluationError(
+            f"well_table: {int(unmatched.sum())} well(s) not in image_csv, e.g. "
+            f"{joined.loc[unmatched, [plate_col, well_col]].head(3).values.tolist()}"
+        )
     moa = moa.assign(_conc=moa["concentration"].astype(float).round(9))
     if moa.duplicated(["compound", "_conc"]).any():
         raise EvaluationError("moa_csv: several rows for one (compound, concentration)")
     joined = joined.assign(_conc=joined["Image_Metadata_Concentration"].astype(float).round(9)).merge(
-        moa[["compound", "_conc", "moa"]], how="left", left_on=["Image_Metadata_Compound", "_conc"],
-        right_on=["compound", "_conc"])
+        moa[["compound", "_conc", "moa"]],
+        how="left",
+        left_on=["Image_Metadata_Compound", "_conc"],
+        right_on=["compound", "_conc"],
+    )
     features = [c for c in wells.columns if c not in (plate_col, well_col)]
-    metadata = pd.DataFrame({
-        "Metadata_plate": joined[plate_col].astype(str),
-        "Metadata_well": joined[well_col].astype(str),
-        "Metadata_compound": joined["Image_Metadata_Compound"].astype(str),
-        "Metadata_concentration": joined["Image_Metadata_Concentration"].astype(float),
-        "Metadata_moa": joined["moa"],
-        "Metadata_batch": joined[plate_col].astype(str).str.split("_").str[0],
-    })
+    metadata = pd.DataFrame(
+        {
+            "Metadata_plate": joined[plate_col].astype(str),
+            "Metadata_well": joined[well_col].astype(str),
+            "Metadata_compound": joined["Image_Metadata_Compound"].astype(str),
+            "Metadata_concentration": joined["Image_Metadata_Concentration"].astype(float),
+            "Metadata_moa": joined["moa"],
+            "Metadata_batch": joined[plate_col].astype(str).str.split("_").str[0],
+        }
+    )
     return pd.concat([metadata, wells[features].reset_index(drop=True)], axis=1)
 
 

@@ -47,8 +47,10 @@ def multilabel_f1(
     from sklearn.multiclass import OneVsRestClassifier
 
     require_columns(profiles, [labels_col] + ([split_col] if split_col else []), "multilabel_f1")
-    sets = [frozenset(p.strip() for p in str(v).split("|") if p.strip()) if pd.notna(v) else frozenset()
-            for v in profiles[labels_col]]
+    sets = [
+        frozenset(p.strip() for p in str(v).split("|") if p.strip()) if pd.notna(v) else frozenset()
+        for v in profiles[labels_col]
+    ]
     names = sorted(set().union(*sets))
     if not names:
         raise EvaluationError(f"multilabel_f1: no labels in {labels_col!r}")
@@ -71,18 +73,28 @@ def multilabel_f1(
     predicted = probe.predict(z[test])
     evaluated = targets[test].sum(axis=0) > 0
     precision, recall, f1, support = precision_recall_fscore_support(
-        targets[test][:, evaluated], predicted[:, evaluated], average=None, zero_division=0)
+        targets[test][:, evaluated], predicted[:, evaluated], average=None, zero_division=0
+    )
     kept = [name for name, e in zip(names, evaluated) if e]
-    per_class = {name: {"n_positive": int(s), "precision": float(p), "recall": float(r), "f1": float(f)}
-                 for name, p, r, f, s in zip(kept, precision, recall, f1, support)}
-    return {"protocol": "multilabel_f1", "n": int(test.sum()), "n_train": int(train.sum()),
-            "macro_f1": float(np.mean(f1)), "per_class": per_class,
-            "labels_not_in_test": [n for n, e in zip(names, evaluated) if not e],
-            "split": split, "seed": seed}
+    per_class = {
+        name: {"n_positive": int(s), "precision": float(p), "recall": float(r), "f1": float(f)}
+        for name, p, r, f, s in zip(kept, precision, recall, f1, support)
+    }
+    return {
+        "protocol": "multilabel_f1",
+        "n": int(test.sum()),
+        "n_train": int(train.sum()),
+        "macro_f1": float(np.mean(f1)),
+        "per_class": per_class,
+        "labels_not_in_test": [n for n, e in zip(names, evaluated) if not e],
+        "split": split,
+        "seed": seed,
+    }
 
 
-def _rarest_label_split(sets: list[frozenset], targets: np.ndarray, names: list[str],
-                        test_fraction: float, seed: int) -> np.ndarray:
+def _rarest_label_split(
+    sets: list[frozenset], targets: np.ndarray, names: list[str], test_fraction: float, seed: int
+) -> np.ndarray:
     if not 0 < test_fraction < 1:
         raise EvaluationError(f"multilabel_f1: test_fraction must be in (0, 1), got {test_fraction}")
     frequency = dict(zip(names, targets.sum(axis=0)))
@@ -91,5 +103,5 @@ def _rarest_label_split(sets: list[frozenset], targets: np.ndarray, names: list[
     test = np.zeros(len(sets), dtype=bool)
     for stratum in sorted(set(strata)):
         rows = rng.permutation(np.flatnonzero(np.array(strata) == stratum))
-        test[rows[:int(round(test_fraction * len(rows)))]] = True
+        test[rows[: int(round(test_fraction * len(rows)))]] = True
     return test

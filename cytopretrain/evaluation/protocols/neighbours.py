@@ -46,12 +46,12 @@ def knn_holdout(
     predicted = np.array(decode(vote(np.where(neighbours >= 0, train_codes[neighbours], -1)), names), dtype=object)
     query_labels, query_splits = labels[~train], splits[~train]
     per_split = {
-        split: accuracy_result("knn_holdout", query_labels[query_splits == split],
-                                predicted[query_splits == split], split=split, k=k)
+        split: accuracy_result(
+            "knn_holdout", query_labels[query_splits == split], predicted[query_splits == split], split=split, k=k
+        )
         for split in sorted(set(query_splits))
     }
-    return accuracy_result("knn_holdout", query_labels, predicted, k=k, n_train=int(train.sum()),
-                            splits=per_split)
+    return accuracy_result("knn_holdout", query_labels, predicted, k=k, n_train=int(train.sum()), splits=per_split)
 
 
 def knn_loo(profiles: pd.DataFrame, *, label_col: str = "Metadata_label", k: int = 11) -> dict:

@@ -16,8 +16,9 @@ from cytopretrain.evaluation.protocols.common import (
 )
 
 
-def mean_average_precision(profiles: pd.DataFrame, *, label_col: str = "Metadata_label",
-                           block_rows: int | None = None) -> dict:
+def mean_average_precision(
+    profiles: pd.DataFrame, *, label_col: str = "Metadata_label", block_rows: int | None = None
+) -> dict:
     """mAP of same-label retrieval by cosine similarity (as copairs' average_precision).
 
     Every row is a query; all other rows are ranked by cosine similarity of the features as
@@ -52,13 +53,22 @@ def mean_average_precision(profiles: pd.DataFrame, *, label_col: str = "Metadata
     valid = ~np.isnan(ap)
     if not valid.any():
         raise EvaluationError(f"mean_average_precision: no label in {label_col!r} has two rows")
-    per_class = {label: {"n": int((labels[valid] == label).sum()),
-                         "mean_average_precision": float(ap[valid][labels[valid] == label].mean())}
-                 for label in sorted(set(labels[valid]))}
-    return {"protocol": "mean_average_precision", "n": int(valid.sum()),
-            "n_skipped": int((~valid).sum()), "mean_average_precision": float(ap[valid].mean()),
-            "macro_map": float(np.mean([c["mean_average_precision"] for c in per_class.values()])),
-            "per_class": per_class, "average_precision": [None if np.isnan(a) else float(a) for a in ap]}
+    per_class = {
+        label: {
+            "n": int((labels[valid] == label).sum()),
+            "mean_average_precision": float(ap[valid][labels[valid] == label].mean()),
+        }
+        for label in sorted(set(labels[valid]))
+    }
+    return {
+        "protocol": "mean_average_precision",
+        "n": int(valid.sum()),
+        "n_skipped": int((~valid).sum()),
+        "mean_average_precision": float(ap[valid].mean()),
+        "macro_map": float(np.mean([c["mean_average_precision"] for c in per_class.values()])),
+        "per_class": per_class,
+        "average_precision": [None if np.isnan(a) else float(a) for a in ap],
+    }
 
 
 def pair_threshold(
@@ -93,8 +103,10 @@ def pair_threshold(
     validation = np.zeros(len(labels), dtype=bool)
     for label in sorted(set(labels)):
         rows = rng.permutation(np.flatnonzero(labels == label))
-        validation[rows[:int(round(validation_fraction * len(rows)))]] = True
-    unit = values.astype(np.float64) / np.maximum(np.linalg.norm(values.astype(np.float64), axis=1, keepdims=True), 1e-300)
+        validation[rows[: int(round(validation_fraction * len(rows)))]] = True
+    unit = values.astype(np.float64) / np.maximum(
+        np.linalg.norm(values.astype(np.float64), axis=1, keepdims=True), 1e-300
+    )
     parts = {}
     for name, rows in (("validation", np.flatnonzero(validation)), ("test", np.flatnonzero(~validation))):
         first, second, same = _sample_pairs(rows, labels, n_pairs // 2, rng, name)
@@ -105,14 +117,22 @@ def pair_threshold(
     y_pred = np.where(similarity >= threshold, "same", "different")
     _, neighbours = knn(values, None, retrieval_k, metric=retrieval_metric, exclude_self=True)
     hits = np.where(neighbours >= 0, labels[neighbours] == labels[:, None], False)
-    return accuracy_result("pair_threshold", y_true, list(y_pred), threshold=threshold,
-                            validation_accuracy=validation_accuracy, seed=seed,
-                            retrieval_k=retrieval_k, retrieval_metric=retrieval_metric,
-                            retrieval_precision=float(hits.mean()))
+    return accuracy_result(
+        "pair_threshold",
+        y_true,
+        list(y_pred),
+        threshold=threshold,
+        validation_accuracy=validation_accuracy,
+        seed=seed,
+        retrieval_k=retrieval_k,
+        retrieval_metric=retrieval_metric,
+        retrieval_precision=float(hits.mean()),
+    )
 
 
-def _sample_pairs(rows: np.ndarray, labels: np.ndarray, n_each: int, rng: np.random.Generator,
-                  part: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _sample_pairs(
+    rows: np.ndarray, labels: np.ndarray, n_each: int, rng: np.random.Generator, part: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """n_each same-label and n_each different-label pairs of distinct rows, drawn uniformly."""
     names, counts = np.unique(labels[rows], return_counts=True)
     same_pairs = counts * (counts - 1) / 2
