@@ -139,11 +139,14 @@ def main() -> None:
         read_p = best(lambda: list(iter_shard(parquet_path)), args.repeat)
         assert sum(1 for _ in tfrecord_iterator(str(record_path))) == n
         print(f"{n} shard examples ({sum(r['n_channels'] == 3 for r in rows)} PNG-encoded, the rest raw)")
+        tfrecord_mb, parquet_mb = record_path.stat().st_size / 1e6, parquet_path.stat().st_size / 1e6
         print(
-            f"TFRecord: features {1e6 * build / n:6.1f} us/example, write {1e6 * write_t / n:6.1f}, read back {1e6 * read_t / n:6.1f}; {record_path.stat().st_size / 1e6:.1f} MB"
+            f"TFRecord: features {1e6 * build / n:6.1f} us/example, write {1e6 * write_t / n:6.1f}, "
+            f"read back {1e6 * read_t / n:6.1f}; {tfrecord_mb:.1f} MB"
         )
         print(
-            f"Parquet:  write {1e6 * write_p / n:6.1f} us/example, read back {1e6 * read_p / n:6.1f}; {parquet_path.stat().st_size / 1e6:.1f} MB"
+            f"Parquet:  write {1e6 * write_p / n:6.1f} us/example, read back {1e6 * read_p / n:6.1f}; "
+            f"{parquet_mb:.1f} MB"
         )
 
 

@@ -56,9 +56,11 @@ p.note { background: #fff6dd; border-left: 4px solid #e0a800; padding: .4em .8em
 p.ranks { font-family: monospace; word-wrap: break-word; }
 img { max-width: 100%; height: auto; display: block; margin: .8em 0; }
 div.row { display: flex; flex-wrap: wrap; gap: 1em; align-items: flex-start; }
-div.scroll { max-height: 28em; overflow: auto; border: 1px solid #ddd; margin: .8em 0; width: fit-content; max-width: 100%; }
+div.scroll { max-height: 28em; overflow: auto; border: 1px solid #ddd; margin: .8em 0;
+             width: fit-content; max-width: 100%; }
 table.data { border-collapse: collapse; font-size: 0.85em; }
-table.data th, table.data td { border: 1px solid #ddd; padding: .25em .6em; text-align: left; vertical-align: top; white-space: pre-line; }
+table.data th, table.data td { border: 1px solid #ddd; padding: .25em .6em; text-align: left;
+                              vertical-align: top; white-space: pre-line; }
 table.data th { background: #f0f0f0; position: sticky; top: 0; }
 table.data tr:nth-child(even) td { background: #fafafa; }
 """

@@ -243,7 +243,8 @@ def evaluation_section(summary: pd.DataFrame, evaluations: list[dict]) -> str:
         protocol = first_accuracy_protocol(record["results"])
         if protocol is None:
             notes.append(
-                f"No accuracy-type protocol among {', '.join(record['results']) or 'no protocols'}: no confusion matrix."
+                f"No accuracy-type protocol among {', '.join(record['results']) or 'no protocols'}: "
+                "no confusion matrix."
             )
         else:
             n_labels = len(record["results"][protocol]["confusion"].get("labels", []))

@@ -143,7 +143,8 @@ def training_section(runs: list[dict]) -> str:
             if not any(key.startswith("val_") for key in series):
                 body.append(
                     note(
-                        "This run logged no validation records (no validation split, or it never reached a validation step)."
+                        "This run logged no validation records (no validation split, or it never reached a "
+                        "validation step)."
                     )
                 )
         body.append(html_table(card_facts(run["card"])))
