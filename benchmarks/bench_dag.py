@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -23,27 +22,12 @@ import pyarrow.parquet as pq
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))  # fake_metadata: the test-data generator
 
 from fake_metadata import make_metadata  # noqa: E402
+from workflow_helpers import snakemake  # noqa: E402
 
 from cytopretrain.core.schema import CANONICAL_SCHEMA  # noqa: E402
-
-
-def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
-    command = [
-        sys.executable,
-        "-m",
-        "snakemake",
-        "-s",
-        str(REPO / "Snakefile"),
-        "--directory",
-        str(workdir),
-        "--configfile",
-        str(workdir / "config.yaml"),
-        *args,
-    ]
-    return subprocess.run(command, capture_output=True, text=True, check=False)
 
 
 def main() -> None:
@@ -69,13 +53,13 @@ def main() -> None:
     (workdir / "config.yaml").write_text(yaml.safe_dump(config))
 
     start = time.perf_counter()
-    merged = snakemake(workdir, "--cores", "2", "results/metadata/chunks.json")
+    merged = snakemake(workdir, "--cores", "2", "results/metadata/chunks.json", timeout=None)
     if merged.returncode:
         sys.exit(merged.stderr[-3000:])
     print(f"clean_metadata + merge_metadata on {args.rows:,} rows: {time.perf_counter() - start:.1f} s")
 
     start = time.perf_counter()
-    plan = snakemake(workdir, "-n", "--quiet", "rules")
+    plan = snakemake(workdir, "-n", "--quiet", "rules", timeout=None)
     elapsed = time.perf_counter() - start
     if plan.returncode:
         sys.exit(plan.stderr[-3000:])

@@ -18,9 +18,7 @@ For each set, the best of ``--repeat`` passes of:
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -28,15 +26,11 @@ import numpy as np
 import pandas as pd
 import tifffile
 import torch
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from harness import DATA, best  # noqa: E402
 
 from cytopretrain.core import imageio  # noqa: E402
 from cytopretrain.curation.standardize import standardize_chunk  # noqa: E402
 from cytopretrain.evaluation.features import extract_features, random_init_backbone  # noqa: E402
-
-DATA = REPO.parent / "shared" / "data"
 
 
 def image_sets(scratch: Path) -> dict[str, pd.DataFrame]:
@@ -87,15 +81,6 @@ def library_readers():
     finally:
         imageio._READERS.update(saved)
         imageio._plain_tiff_layout = plain
-
-
-def best(function, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def main() -> None:

@@ -19,29 +19,20 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import tifffile
+from harness import DATA, TESTS, best  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(TESTS))
+
+from cell_images import to_uint8  # noqa: E402
 
 from cytopretrain.core.tables import ParquetStreamWriter, encode_pixels  # noqa: E402
 from cytopretrain.curation import tfrecord  # noqa: E402
 from cytopretrain.curation.shards import SHARD_SCHEMA, features_to_sample, iter_shard, sample_to_features  # noqa: E402
-
-DATA = REPO.parent / "shared" / "data"
-
-
-def to_uint8(planes: list[np.ndarray]) -> np.ndarray:
-    out = []
-    for plane in planes:
-        plane = plane.astype(np.float64)
-        out.append(np.round(255 * (plane - plane.min()) / max(np.ptp(plane), 1e-12)).astype(np.uint8))
-    return np.stack(out, axis=-1)
 
 
 def shard_rows() -> list[dict]:
@@ -97,15 +88,6 @@ def shard_rows() -> list[dict]:
             }
         )
     return rows
-
-
-def best(function, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def main() -> None:

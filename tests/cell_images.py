@@ -10,6 +10,20 @@ import tifffile
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 YEAST = DATA / "yeast_toy" / "images"
 BBBC_CELLS = DATA / "bbbc021_cells"
+# The manifest adapter's options for bbbc021_cells (cells.csv, one .npy of 3 channels per cell).
+BBBC_CELLS_OPTIONS = {
+    "file": "cells.csv",
+    "path_column": "file",
+    "channels": ["dna", "tubulin", "actin"],
+    "columns": {
+        "phenotype": "moa",
+        "compound": "compound",
+        "concentration": "concentration",
+        "plate": "plate",
+        "well": "well",
+    },
+    "constants": {"organism": "human", "cell_type": "mcf7", "cell_visible": "nucleus|microtubules|actin"},
+}
 
 
 def to_uint8(channels: list[np.ndarray]) -> np.ndarray:

@@ -31,6 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from cytopretrain.core.schema import CANONICAL_FIELDS
+from cytopretrain.curation.sources.hpa import LOCALIZATIONS as HPA_LOCALIZATIONS
 
 DATABASES = (
     "recursion",
@@ -183,40 +184,8 @@ DISEASES = (
     "cancer",
     "normal",
 )
-LOCALIZATIONS = (
-    "nucleoplasm",
-    "nuclear membrane",
-    "nucleoli",
-    "nucleoli fibrillar center",
-    "nuclear speckles",
-    "nuclear bodies",
-    "endoplasmic reticulum",
-    "golgi apparatus",
-    "peroxisomes",
-    "endosomes",
-    "lysosomes",
-    "intermediate filaments",
-    "actin filaments",
-    "focal adhesion sites",
-    "microtubules",
-    "microtubule ends",
-    "cytokinetic bridge",
-    "mitotic spindle",
-    "microtubule organizing center",
-    "centrosome",
-    "lipid droplets",
-    "plasma membrane",
-    "cell junctions",
-    "mitochondria",
-    "aggresome",
-    "cytosol",
-    "cytoplasmic bodies",
-    "rods & rings",
-    "vacuole",
-    "bud neck",
-    "spindle pole",
-    "cell periphery",
-)
+# HPA's 28 classes and four more localizations of other screens.
+LOCALIZATIONS = HPA_LOCALIZATIONS + ("vacuole", "bud neck", "spindle pole", "cell periphery")
 SCREEN_HITS = tuple(f"screen phenotype {i}" for i in range(60))
 
 N_COMPOUNDS = 6000

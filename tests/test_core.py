@@ -132,7 +132,7 @@ def test_zscore_keeps_differences_of_a_column_constant_on_the_fit_rows(data_dir)
         zscore(values, np.zeros(20, bool))
 
 
-def test_ordered_map_keeps_order_bounds_work_in_flight_and_restores_torch_threads():
+def test_ordered_map_keeps_order_and_bounds_work_in_flight():
     started, finished = [], []
     lock = threading.Lock()
 
@@ -144,14 +144,12 @@ def test_ordered_map_keeps_order_bounds_work_in_flight_and_restores_torch_thread
             finished.append(item)
         return item * item
 
-    threads = torch.get_num_threads()
     seen = []
     for item, result in ordered_map(work, range(20), 2):
         assert result == item * item
         seen.append(item)
         assert len(started) - len(seen) <= 2 * 2  # at most 2 x threads submitted ahead
     assert seen == list(range(20)) and sorted(finished) == seen
-    assert torch.get_num_threads() == threads
     assert list(ordered_map(lambda x: -x, [1, 2], 0)) == [(1, -1), (2, -2)]  # inline
 
 

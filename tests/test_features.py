@@ -13,7 +13,7 @@ import pytest
 import tifffile
 import torch
 import torch.nn.functional as F
-from cell_images import DATA
+from cell_images import BBBC_CELLS_OPTIONS, DATA
 
 from cytopretrain.core.errors import SchemaError
 from cytopretrain.core.imageio import read_channels
@@ -29,17 +29,8 @@ from cytopretrain.learning.models import InferenceBackbone, load_backbone
 
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"real test data not found at {DATA}")
 
-BBBC_CELLS_OPTIONS = {
-    "file": "cells.csv",
-    "path_column": "file",
-    "columns": {
-        "phenotype": "moa",
-        "compound": "compound",
-        "concentration": "concentration",
-        "plate": "plate",
-        "well": "well",
-    },
-}
+# Without channel names: concat mode names the channels c0, c1, c2.
+UNNAMED_CELLS_OPTIONS = {k: v for k, v in BBBC_CELLS_OPTIONS.items() if k not in ("channels", "constants")}
 EXPECTED_METADATA = ["Metadata_" + c for c in METADATA_COLUMNS]
 
 
@@ -52,7 +43,7 @@ def resnet() -> torch.nn.Module:
 def bbbc_cells() -> pd.DataFrame:
     if not DATA.is_dir():
         pytest.skip(f"real test data not found at {DATA}")
-    return run_adapter("manifest", DATA / "bbbc021_cells", "bbbc021_cells", BBBC_CELLS_OPTIONS).table
+    return run_adapter("manifest", DATA / "bbbc021_cells", "bbbc021_cells", UNNAMED_CELLS_OPTIONS).table
 
 
 @pytest.fixture(scope="module")

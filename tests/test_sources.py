@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from cell_images import DATA
+from cell_images import BBBC_CELLS_OPTIONS, DATA
 
 from cytopretrain.core.errors import SchemaError, SourceError
 from cytopretrain.core.schema import CANONICAL_FIELDS, QUARANTINE_FIELDS
@@ -519,25 +519,11 @@ def test_folder_duplicate_channel_files_are_refused(tmp_path):
 
 # ---------------------------------------------------------------- manifest
 
-CELLS_OPTIONS = {
-    "file": "cells.csv",
-    "path_column": "file",
-    "columns": {
-        "phenotype": "moa",
-        "compound": "compound",
-        "concentration": "concentration",
-        "plate": "plate",
-        "well": "well",
-    },
-    "channels": ["dna", "tubulin", "actin"],
-    "constants": {"organism": "human", "cell_type": "mcf7", "cell_visible": "nucleus|microtubules|actin"},
-}
-
 
 def test_manifest_on_real_bbbc021_cells():
     root = real("bbbc021_cells")
     cells = pd.read_csv(root / "cells.csv")
-    result = run_adapter("manifest", root, "cells", CELLS_OPTIONS)
+    result = run_adapter("manifest", root, "cells", BBBC_CELLS_OPTIONS)
     check_result(result, "cells")
     table = result.table
     assert len(table) == len(cells) == 599 and result.issues.empty

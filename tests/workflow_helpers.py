@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import yaml
+from cell_images import BBBC_CELLS_OPTIONS
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
@@ -44,22 +45,6 @@ def check(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     return result
 
 
-# The manifest adapter's options for ../shared/data/bbbc021_cells (cells.csv, one .npy per cell).
-CELLS = {
-    "file": "cells.csv",
-    "path_column": "file",
-    "channels": ["dna", "tubulin", "actin"],
-    "columns": {
-        "phenotype": "moa",
-        "compound": "compound",
-        "concentration": "concentration",
-        "plate": "plate",
-        "well": "well",
-    },
-    "constants": {"organism": "human", "cell_type": "mcf7", "cell_visible": "nucleus|microtubules|actin"},
-}
-
-
 def real_config() -> dict:
     """The real subsets of ../shared/data as local `path:` sources (test_workflow_real, test_slurm)."""
     return {
@@ -72,7 +57,11 @@ def real_config() -> dict:
                 "options": {"category": "gene"},
             },
             "hpa_cells": {"path": str(DATA / "hpa_toy"), "adapter": "hpa", "options": {"layout": "cells"}},
-            "bbbc021_cells": {"path": str(DATA / "bbbc021_cells"), "adapter": "manifest", "options": CELLS},
+            "bbbc021_cells": {
+                "path": str(DATA / "bbbc021_cells"),
+                "adapter": "manifest",
+                "options": BBBC_CELLS_OPTIONS,
+            },
             "bbbc021": {"path": str(DATA / "bbbc021"), "adapter": "bbbc021", "role": "benchmark"},
         },
         "labels": {"min_count": 20, "take_all_max": 200, "prelim_max": 400},

@@ -11,35 +11,38 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
-import torch
-
 Item = TypeVar("Item")
 Result = TypeVar("Result")
 
 
 def ordered_map(
-    function: Callable[[Item], Result], items: Iterable[Item], threads: int, *, name: str = "worker"
+    function: Callable[[Item], Result],
+    items: Iterable[Item],
+    threads: int,
+    *,
+    name: str = "worker",
+    initializer: Callable[..., object] | None = None,
+    initargs: tuple = (),
 ) -> Iterator[tuple[Item, Result]]:
     """(item, function(item)) in input order. ``threads`` <= 1 runs inline; otherwise at most
-    2 x threads items are in flight, so memory stays bounded by a few results. Each pool thread
-    runs torch on one intra-op thread, so the pool's threads do not oversubscribe the cores."""
+    2 x threads items are in flight, so memory stays bounded by a few results. ``initializer``
+    runs once in each pool thread (e.g. to give torch one intra-op thread there). The first
+    error raised by ``function`` is raised here, and the items not yet started are dropped."""
     if threads <= 1:
         for item in items:
             yield item, function(item)
         return
-    torch_threads = torch.get_num_threads()
-    pool = ThreadPoolExecutor(threads, thread_name_prefix=name, initializer=torch.set_num_threads, initargs=(1,))
     pending: deque = deque()
-    try:
-        for item in items:
-            pending.append((item, pool.submit(function, item)))
-            if len(pending) >= 2 * threads:
+    with ThreadPoolExecutor(threads, thread_name_prefix=name, initializer=initializer, initargs=initargs) as pool:
+        try:
+            for item in items:
+                pending.append((item, pool.submit(function, item)))
+                if len(pending) >= 2 * threads:
+                    done, future = pending.popleft()
+                    yield done, future.result()
+            while pending:
                 done, future = pending.popleft()
                 yield done, future.result()
-        while pending:
-            done, future = pending.popleft()
-            yield done, future.result()
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-        # set_num_threads in a pool thread also sets the count that later threads start with
-        torch.set_num_threads(torch_threads)
+        finally:
+            for _, future in pending:
+                future.cancel()

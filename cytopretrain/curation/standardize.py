@@ -30,9 +30,7 @@ kept images to Parquet and returns one decision row per input row.
 from __future__ import annotations
 
 import os
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,6 +41,7 @@ from cytopretrain.core import tables
 from cytopretrain.core.errors import ImageReadError, SchemaError, StandardizeError
 from cytopretrain.core.imageio import READ_REASONS, read_channels
 from cytopretrain.core.numerics import histogram_percentiles, level_counts, selection_percentiles
+from cytopretrain.core.parallel import ordered_map
 
 DEFAULT_LOW = 0.1
 DEFAULT_HIGH = 99.9
@@ -262,24 +261,6 @@ def _standardize_job(job: _Job, low: float, high: float, mode: str) -> dict:
     }
 
 
-def _ordered_map(function: Callable[[_Job], dict], jobs: Iterable[_Job], threads: int) -> Iterator[tuple[_Job, dict]]:
-    """Results in input order; at most 2 x threads jobs in flight, so memory stays bounded."""
-    if threads <= 1:
-        for job in jobs:
-            yield job, function(job)
-        return
-    with ThreadPoolExecutor(max_workers=threads) as pool:
-        pending: deque = deque()
-        for job in jobs:
-            pending.append((job, pool.submit(function, job)))
-            if len(pending) >= 2 * threads:
-                done, future = pending.popleft()
-                yield done, future.result()
-        while pending:
-            done, future = pending.popleft()
-            yield done, future.result()
-
-
 def standardize_chunk(
     meta: pd.DataFrame,
     out_path: str | os.PathLike,
@@ -313,7 +294,7 @@ def standardize_chunk(
         return _standardize_job(job, low, high, mode)
 
     with tables.ParquetStreamWriter(out_path, OUTPUT_SCHEMA, rows_per_group=rows_per_group) as writer:
-        for job, result in _ordered_map(work, jobs, threads):
+        for job, result in ordered_map(work, jobs, threads, name="standardize"):
             if "pixels" in result:
                 writer.write(result)
                 decisions.append((job.idx, STAGE, "kept", "", ""))

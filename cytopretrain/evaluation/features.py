@@ -287,12 +287,21 @@ def _batches(
     # A load group holds the images of one backbone batch: its memory is that of a batch.
     groups = [jobs[start : start + per_batch] for start in range(0, len(jobs), per_batch)]
     buckets = _Buckets(per_batch)
-    for _, results in ordered_map(load, groups, options.num_workers, name="features-loader"):
-        for item in results:
-            if isinstance(item, Failed):
-                stream.failures.append(item)
-            elif ready := buckets.add(item):
-                yield run(ready)
+    torch_threads = torch.get_num_threads()
+    try:
+        # loader threads run torch on one intra-op thread each, beside the model's threads
+        loaded = ordered_map(
+            load, groups, options.num_workers, name="features-loader", initializer=torch.set_num_threads, initargs=(1,)
+        )
+        for _, results in loaded:
+            for item in results:
+                if isinstance(item, Failed):
+                    stream.failures.append(item)
+                elif ready := buckets.add(item):
+                    yield run(ready)
+    finally:
+        # set_num_threads in a pool thread also sets the count that later threads start with
+        torch.set_num_threads(torch_threads)
     for batch in buckets.drain():
         yield run(batch)
 

@@ -13,27 +13,17 @@ import numpy as np
 import pandas as pd
 
 from cytopretrain.core.errors import ReportInputError
+from cytopretrain.core.schema import QUARANTINE_FIELDS
+from cytopretrain.evaluation.outliers import OUTLIER_TABLE_COLUMNS
 from cytopretrain.evaluation.summary import PUBLISHED_COLUMNS, SUMMARY_COLUMNS
 
 QUARANTINE_EXAMPLES = 3
 CSV_CHUNK_ROWS = 200_000
 FUNNEL_COLUMNS = ("stage", "unit", "n_in", "n_kept", "n_removed", "removed_as")
-QUARANTINE_COLUMNS = ("idx", "stage", "reason", "detail")
+QUARANTINE_COLUMNS = tuple(QUARANTINE_FIELDS)
 LABEL_COLUMNS = ("class_index", "label", "category", "n_train", "n_validation")
 INDEX_COLUMNS = ("split", "shard", "format", "n_samples")
 EMBEDDING_COLUMNS = ("idx", "label", "x", "y")
-OUTLIER_COLUMNS = (
-    "crop_id",
-    "idx",
-    "label",
-    "score",
-    "rank",
-    "latent_distance",
-    "latent_rank",
-    "dbscan_label",
-    "is_outlier",
-    "injected_text",
-)
 
 
 # All cells as text (blank stays ""); no implicit index column (see _tsv_errors).
@@ -200,7 +190,7 @@ def read_run(card_path: Path) -> dict:
 
 
 def read_outliers(path: Path) -> pd.DataFrame:
-    outliers = _read_tsv(path, OUTLIER_COLUMNS, "outlier table")
+    outliers = _read_tsv(path, OUTLIER_TABLE_COLUMNS, "outlier table")
     _numeric(outliers, ["score", "latent_distance"], path)
     _numeric(outliers, ["rank", "latent_rank"], path, integer=True)
     for column in ("is_outlier", "injected_text"):

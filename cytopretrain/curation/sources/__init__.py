@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -87,6 +88,17 @@ def resolve_options(options: dict | None, defaults: dict[str, Any], source: str)
     if missing:
         raise SourceError(f"missing required option {option_key(source, missing[0])}")
     return merged
+
+
+def check_pattern(pattern: str, group: str, source: str, key: str) -> re.Pattern:
+    """Option ``key``'s regular expression, which must compile and have the named group ``group``."""
+    try:
+        regex = re.compile(pattern)
+    except re.error as exc:
+        raise SourceError(f"{option_key(source, key)}: invalid regex: {exc}") from None
+    if group not in regex.groupindex:
+        raise SourceError(f"{option_key(source, key)} needs a named group (?P<{group}>...)")
+    return regex
 
 
 def check_choice(value: Any, choices: tuple, source: str, key: str) -> Any:

@@ -19,7 +19,6 @@ Labels are compared case-insensitively; stored labels are lowercase with "_" rea
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import pandas as pd
@@ -31,6 +30,7 @@ from cytopretrain.curation.sources import (
     check_extensions,
     check_label_column,
     check_mapping,
+    check_pattern,
     check_str_list,
     option_key,
     resolve_options,
@@ -93,10 +93,5 @@ def adapt(root: Path, source: str, options: dict) -> AdapterResult:
 
 
 def _genes(samples: pd.Series, gene_pattern: str, source: str) -> pd.Series:
-    try:
-        regex = re.compile(gene_pattern)
-    except re.error as exc:
-        raise SourceError(f"{option_key(source, 'gene_pattern')}: invalid regex: {exc}") from None
-    if "gene" not in regex.groupindex:
-        raise SourceError(f"{option_key(source, 'gene_pattern')} needs a named group (?P<gene>...)")
+    regex = check_pattern(gene_pattern, "gene", source, "gene_pattern")
     return samples.astype("string").str.extract(regex)["gene"].fillna("").astype(object)

@@ -40,6 +40,7 @@ from cytopretrain.curation.sources import (
     check_extensions,
     check_label_column,
     check_microscopy,
+    check_pattern,
     check_str_list,
     option_key,
     resolve_options,
@@ -276,12 +277,7 @@ def folder_labels(rel: pd.Series, label_pattern: str | None, source: str) -> pd.
     """The label of each row's folder: the folder name, or the ``label`` group of the pattern."""
     if not label_pattern:
         return rel.astype(object)
-    try:
-        regex = re.compile(label_pattern)
-    except re.error as exc:
-        raise SourceError(f"{option_key(source, 'label_pattern')}: invalid regex: {exc}") from None
-    if "label" not in regex.groupindex:
-        raise SourceError(f"{option_key(source, 'label_pattern')} needs a named group (?P<label>...)")
+    regex = check_pattern(label_pattern, "label", source, "label_pattern")
     folders = pd.Series(rel.unique(), dtype="string")
     labels = folders.str.extract(regex)["label"]
     unmatched = labels.isna() | (labels == "")
