@@ -21,7 +21,7 @@ include: "workflow/rules/shards.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/features.smk"
 include: "workflow/rules/evaluate.smk"
-include: "workflow/rules/well_profiles.smk"
+include: "workflow/rules/profiles.smk"
 include: "workflow/rules/report.smk"
 
 

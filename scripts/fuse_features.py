@@ -3,7 +3,7 @@
 from _workflow import setup_logging
 
 from cytopretrain.core.tables import read_table
-from cytopretrain.evaluation.profiles import fuse_profiles, write_profiles
+from cytopretrain.evaluation.profile_tables import fuse_profiles, write_profiles
 
 log = setup_logging(snakemake)
 first, second = read_table(snakemake.input.first), read_table(snakemake.input.second)

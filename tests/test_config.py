@@ -79,18 +79,25 @@ def test_runs_share_a_random_baseline_only_when_its_weights_would_be_identical(d
         validate_config(demo_config)
 
 
-def schema_defaults(node: dict, path: str = "") -> dict[str, object]:
+def schema_defaults(node: dict, path: str = "", root: dict | None = None) -> dict[str, object]:
     """Every ``default`` of the schema by dotted key (``*`` for a name the user chooses),
-    except the empty mappings that only open a section."""
+    except the empty mappings that only open a section of named entries."""
+    root = root or node
     found = {}
     for name, child in node.get("properties", {}).items():
         key = f"{path}.{name}" if path else name
-        opens_section = "properties" in child or isinstance(child.get("additionalProperties"), dict)
+        if "$ref" in child:
+            child = {
+                **root["$defs"][child["$ref"].rsplit("/", 1)[1]],
+                **{k: v for k, v in child.items() if k != "$ref"},
+            }
+        entries = child.get("additionalProperties")
+        opens_section = "properties" in child or (isinstance(entries, dict) and entries.get("type") == "object")
         if "default" in child and not (opens_section and child["default"] == {}):
             found[key] = child["default"]
-        found.update(schema_defaults(child, key))
+        found.update(schema_defaults(child, key, root))
     if isinstance(node.get("additionalProperties"), dict):
-        found.update(schema_defaults(node["additionalProperties"], f"{path}.*"))
+        found.update(schema_defaults(node["additionalProperties"], f"{path}.*", root))
     return found
 
 
@@ -107,7 +114,8 @@ def library_defaults() -> dict[str, object]:
     from cytopretrain.evaluation.evaluate import BENCHMARK_DEFAULTS
     from cytopretrain.evaluation.features import ExtractionOptions
     from cytopretrain.evaluation.outliers import score_crops
-    from cytopretrain.evaluation.protocols import bbbc021_well_results, bbbc021_well_table
+    from cytopretrain.evaluation.profiles import PROFILE_DEFAULTS
+    from cytopretrain.evaluation.protocols.mean_ap import SIGNIFICANCE_DEFAULTS
     from cytopretrain.learning.settings import DEFAULTS
     from cytopretrain.learning.train import train
     from cytopretrain.synthetic import generate_collection
@@ -153,10 +161,25 @@ def library_defaults() -> dict[str, object]:
             f"features.{k}": extraction[k]
             for k in ("channel_mode", "normalize", "resize", "batch_size", "precision", "num_workers")
         },
-        **{f"benchmarks.*.{k}": v for k, v in BENCHMARK_DEFAULTS.items()},
+        **{f"benchmarks.*.{k}": v for k, v in BENCHMARK_DEFAULTS.items() if k != "map"},
+        **{
+            f"{section}.map.{k}": v
+            for section in ("benchmarks.*", "profiles.*")
+            for k, v in SIGNIFICANCE_DEFAULTS.items()
+        },
+        **{f"profiles.*.replicate_map.{k}": v for k, v in SIGNIFICANCE_DEFAULTS.items()},
         **of(score_crops, **{"outliers.k": "k", "outliers.min_samples": "min_samples"}),
-        **of(bbbc021_well_table, **{f"well_profiles.*.{k}": k for k in ("plate_col", "well_col")}),
-        **of(bbbc021_well_results, **{"well_profiles.*.aggregate": "aggregate"}),
+        **{
+            f"profiles.*.{k}": v
+            for k, v in PROFILE_DEFAULTS.items()
+            if k not in ("map", "replicate_map") and not (isinstance(v, dict) and v)
+        },
+        **{
+            f"profiles.*.{k}.{sub}": v
+            for k, d in PROFILE_DEFAULTS.items()
+            if isinstance(d, dict)
+            for sub, v in d.items()
+        },
     }
     return found
 
@@ -173,6 +196,7 @@ WORKFLOW_ONLY = {
     "features.random_baseline",
     "features.external.*.in_channels",
     "features.external.*.input_norm",
+    "features.fusion",
     "outliers.run",
 }
 # Library settings the config does not expose.

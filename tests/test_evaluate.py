@@ -1,5 +1,5 @@
 """Evaluation protocols (cytopretrain.evaluation.protocols): hand-checked cases, independent computations
-(scikit-learn, copairs), bad input, and BBBC021 NSC / NSCB on the real Ljosa per-well profiles."""
+(scikit-learn, copairs), bad input (the Ljosa per-well profiles are in test_profiles)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from sklearn.preprocessing import StandardScaler
 from cytopretrain.core.errors import EvaluationError
 from cytopretrain.evaluation import protocols as ev
 from cytopretrain.evaluation.outliers import outlier_scores
-from cytopretrain.evaluation.profiles import feature_columns, metadata_columns
+from cytopretrain.evaluation.profile_tables import feature_columns, metadata_columns
 from cytopretrain.evaluation.protocols.common import accuracy_result, vote
 from cytopretrain.evaluation.protocols.retrieval import _best_threshold
 
@@ -278,107 +278,45 @@ def test_nsc_image_level_matches_independent_computation(aggregate):
     assert result["correct"] == int((expected == moas).sum())
 
 
-@pytest.mark.skipif(not BBBC021.exists(), reason=f"real BBBC021 data not found at {BBBC021}")
-def test_bbbc021_ljosa_per_well_profiles():
-    result = ev.bbbc021_from_well_profiles(
-        BBBC021 / "ljosa_jbiomolscreen_2013_per_well_mean.csv.gz",
-        BBBC021 / "BBBC021_v1_image.csv.gz",
-        BBBC021 / "BBBC021_v1_moa.csv",
-    )
-    nsc, nscb = result["nsc"], result["nscb"]
-    assert (result["n_wells"], result["n_features"]) == (632, 516)
-    assert (nsc["n"], nscb["n"]) == (103, 92)
-    assert nscb["dropped_moas"] == ["Cholesterol-lowering", "Kinase inhibitors"]
-    assert len(nsc["per_class"]) == 12 and nsc["n_rows_control"] == 330
-    # Chance (a random eligible neighbour) is about 6 %; the profiles do far better.
-    assert nsc["chance_accuracy"] < 0.1 and nscb["chance_accuracy"] < 0.1
-    assert nsc["accuracy"] > 0.7 and nscb["accuracy"] > 0.5
-    assert nsc["accuracy"] - 2 * nsc["ci95"] > 5 * nsc["chance_accuracy"]
-
-    # Independent recomputation of NSC with pandas and scikit-learn.
-    wells = pd.read_csv(BBBC021 / "ljosa_jbiomolscreen_2013_per_well_mean.csv.gz")
-    images = pd.read_csv(BBBC021 / "BBBC021_v1_image.csv.gz")
-    moa = pd.read_csv(BBBC021 / "BBBC021_v1_moa.csv")
-    keys = images.drop_duplicates(["Image_Metadata_Plate_DAPI", "Image_Metadata_Well_DAPI"])
-    joined = wells.merge(
-        keys,
-        left_on=["Image_Metadata_Plate", "Image_Metadata_Well"],
-        right_on=["Image_Metadata_Plate_DAPI", "Image_Metadata_Well_DAPI"],
-    )
-    joined = joined.merge(
-        moa, left_on=["Image_Metadata_Compound", "Image_Metadata_Concentration"], right_on=["compound", "concentration"]
-    )
-    joined = joined[joined["compound"] != "DMSO"].reset_index(drop=True)
-    z = pd.DataFrame(StandardScaler().fit_transform(joined[wells.columns[2:]]))
-    profiles = z.groupby([joined["compound"], joined["concentration"]]).mean()
-    labels = joined.groupby(["compound", "concentration"])["moa"].first().loc[profiles.index].to_numpy()
-    compounds = profiles.index.get_level_values(0).to_numpy()
-    distance = cosine_distances(profiles.to_numpy())
-    distance[compounds[:, None] == compounds[None, :]] = np.inf
-    assert nsc["correct"] == int((labels[distance.argmin(axis=1)] == labels).sum())
-
-
-def test_bbbc021_wells_missing_from_image_table(tmp_path):
-    images = pd.DataFrame(
-        {
-            "Image_Metadata_Plate_DAPI": ["Week1_1"],
-            "Image_Metadata_Well_DAPI": ["B02"],
-            "Image_Metadata_Compound": ["taxol"],
-            "Image_Metadata_Concentration": [1.0],
-        }
-    )
-    wells = pd.DataFrame(
-        {"Image_Metadata_Plate": ["Week1_1", "Week1_1"], "Image_Metadata_Well": ["B02", "C03"], "f": [1.0, 2.0]}
-    )
-    moa = pd.DataFrame({"compound": ["taxol"], "concentration": [1.0], "moa": ["Microtubule stabilizers"]})
-    with pytest.raises(EvaluationError, match="1 well.* not in image_csv.*C03"):
-        ev.bbbc021_from_well_profiles(wells, images, moa)
-    with pytest.raises(EvaluationError, match="file not found"):
-        ev.bbbc021_from_well_profiles(tmp_path / "absent.csv", images, moa)
-    with pytest.raises(EvaluationError, match="moa_csv.*'moa'"):
-        ev.bbbc021_from_well_profiles(wells, images, moa.drop(columns="moa"))
-
-
 # --- mean average precision --------------------------------------------------------------
 
 
 def test_map_by_hand():
     # Unit vectors at angles 0 (A), 10 (B), 25 (A), 90 (B) degrees, and C at 200 degrees,
-    # which ranks last for everyone and is itself skipped (no other C).
+    # which ranks last for everyone and has no positive (no other C).
     angles = np.radians([0, 10, 25, 90, 200])
     frame = table({"label": ["A", "B", "A", "B", "C"]}, np.c_[np.cos(angles), np.sin(angles)])
-    result = ev.mean_average_precision(frame)
+    result = ev.mean_average_precision(frame, null_size=200)
     # 0: ranks 10, 25(A), 90 -> hit at 2: 1/2. 10: 0, 25, 90(B) -> 1/3. 25: 10, 0(A) -> 1/2.
     # 90: 25, 10(B) -> 1/2.
     np.testing.assert_allclose(result["average_precision"][:4], [0.5, 1 / 3, 0.5, 0.5])
-    assert result["average_precision"][4] is None and result["n_skipped"] == 1
-    assert result["mean_average_precision"] == pytest.approx((1.5 + 1 / 3) / 4)
-    assert result["per_class"]["B"] == {"n": 2, "mean_average_precision": pytest.approx(5 / 12)}
-    assert result["macro_map"] == pytest.approx((0.5 + 5 / 12) / 2)
+    assert result["average_precision"][4] is None and result["n_without_positive"] == 1
+    assert result["query_mean_average_precision"] == pytest.approx((1.5 + 1 / 3) / 4)
+    assert result["per_class"]["B"]["mean_average_precision"] == pytest.approx(5 / 12)
+    assert result["per_class"]["B"]["n"] == 2 and "C" not in result["per_class"]
+    assert result["mean_average_precision"] == pytest.approx((0.5 + 5 / 12) / 2)  # mean over labels
 
 
-def test_map_matches_copairs():
-    from copairs.map import average_precision
+def test_map_of_a_benchmark_excludes_its_perturbation_and_controls():
+    """The image benchmarks run the same protocol: with `perturbation: compound` the other
+    images of the query's compound are not hits, and `controls` rows are left out."""
+    from cytopretrain.evaluation.evaluate import run_protocols
 
     rng = np.random.default_rng(9)
-    labels = rng.integers(0, 5, 90)
-    values = rng.normal(size=(90, 10)) + rng.normal(size=(5, 10))[labels] * 0.8
-    frame = table({"label": [f"L{label}" for label in labels]}, values)
-    result = ev.mean_average_precision(frame, block_rows=16)
-    meta = frame[["Metadata_label"]]
-    expected = average_precision(
-        meta,
-        values,
-        pos_sameby=["Metadata_label"],
-        pos_diffby=[],
-        neg_sameby=[],
-        neg_diffby=["Metadata_label"],
-        progress_bar=False,
-    )
-    np.testing.assert_allclose(result["average_precision"], expected["average_precision"].to_numpy(), rtol=1e-5)
-    per_label = expected.groupby("Metadata_label")["average_precision"].mean()
-    for label, value in per_label.items():
-        assert result["per_class"][label]["mean_average_precision"] == pytest.approx(value, rel=1e-5)
+    compounds = np.repeat([f"c{i}" for i in range(8)] + ["dmso"], 6)
+    moas = [f"m{int(c[1]) % 3}" if c != "dmso" else "dmso" for c in compounds]
+    centres = {c: rng.normal(size=10) for c in np.unique(compounds)}
+    values = np.stack([centres[c] + 0.5 * rng.normal(size=10) for c in compounds])
+    frame = table({"phenotype": moas, "compound": compounds}, values)
+    loose = run_protocols(frame, {"protocols": ["map"], "map": {"null_size": 200}})["map"]
+    strict = run_protocols(
+        frame,
+        {"protocols": ["map"], "perturbation": "compound", "controls": {"compound": "dmso"}, "map": {"null_size": 200}},
+    )["map"]
+    assert strict["rows_dropped"]["control"] == 6 and "dmso" not in strict["per_class"]
+    assert strict["pairs"]["pos_diffby"] == ["Metadata_compound"] and loose["pairs"]["pos_diffby"] == []
+    # Each compound's own images are its nearest neighbours: counted as hits they inflate mAP.
+    assert loose["mean_average_precision"] > strict["mean_average_precision"] + 0.2
 
 
 # --- multi-label linear probe --------------------------------------------------------------

@@ -55,7 +55,7 @@ def test_bbbc021_profiles_experiment_plans_only_its_evaluation(tmp_path):
     counts = dict(re.findall(r"^(\w+)\s+(\d+)$", plan.stdout + plan.stderr, flags=re.MULTILINE))
     assert counts == {
         "download": "2",
-        "evaluate_well_profiles": "2",
+        "evaluate_profiles": "2",
         "summarize_evaluation": "1",
         "all": "1",
         "total": "6",

@@ -24,7 +24,7 @@ from cytopretrain.evaluation.features import (
     random_init_backbone,
 )
 from cytopretrain.evaluation.preprocess import plane_percentiles
-from cytopretrain.evaluation.profiles import METADATA_COLUMNS, fuse_profiles, write_profiles
+from cytopretrain.evaluation.profile_tables import METADATA_COLUMNS, fuse_profiles, write_profiles
 from cytopretrain.learning.models import InferenceBackbone, load_backbone
 
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"real test data not found at {DATA}")

@@ -275,7 +275,7 @@ EVALUATIONS = [
 PROTOCOLS = {
     "knn_loo": lambda p: evaluate.knn_loo(p, label_col="Metadata_phenotype", k=5),
     "knn_holdout": lambda p: evaluate.knn_holdout(p, label_col="Metadata_phenotype", k=5),
-    "map": lambda p: evaluate.mean_average_precision(p, label_col="Metadata_phenotype"),
+    "map": lambda p: evaluate.mean_average_precision(p, label_col="Metadata_phenotype", null_size=1000),
 }
 
 
@@ -431,6 +431,22 @@ def test_report_is_self_contained(built):
     assert not list(built["path"].parent.glob(".*.part"))
 
 
+def test_map_groups_are_listed_with_their_significance(built, inputs):
+    """Each record with a map result shows its labels by descending mAP with p, q and whether
+    the label is retrieved, as the record says."""
+    tables = [rows for rows in built["page"].tables if rows and rows[0][:3] == ["group", "queries", "mAP"]]
+    records = [r for r in inputs["records"] if "map" in r["results"]]
+    assert len(tables) == len(records) > 0
+    for rows, record in zip(tables, records):
+        shown = pd.DataFrame(rows[1:], columns=rows[0])
+        truth = record["results"]["map"]["per_class"]
+        assert set(shown["group"]) == set(truth)
+        assert list(shown["mAP"].astype(float)) == sorted(shown["mAP"].astype(float), reverse=True)
+        for row in shown.itertuples():
+            assert float(row.mAP) == pytest.approx(truth[row.group]["mean_average_precision"], abs=5e-4)
+            assert row.retrieved == ("yes" if truth[row.group]["retrieved"] else "no")
+
+
 def test_sections_and_figure_count(built, inputs):
     page = built["page"]
     for heading in SECTION_HEADINGS:
@@ -438,10 +454,11 @@ def test_sections_and_figure_count(built, inputs):
     with_confusion = sum(any(p in ("knn_loo", "knn_holdout") for p in e[3]) for e in EVALUATIONS)
     with_embedding = sum(e[5] for e in EVALUATIONS)
     benchmarks = len({e[0] for e in EVALUATIONS})
+    with_map = sum("map" in e[3] for e in EVALUATIONS)
     runs_with_metrics = len(inputs["args"]["cards"])
     # funnel, labels, montage; curves per run; a bar chart per benchmark; embeddings;
-    # confusion matrices; outlier histogram and montage.
-    expected = 3 + runs_with_metrics + benchmarks + with_embedding + with_confusion + 2
+    # confusion matrices; mAP against significance; outlier histogram and montage.
+    expected = 3 + runs_with_metrics + benchmarks + with_embedding + with_confusion + with_map + 2
     assert len(page.images) == expected
 
 

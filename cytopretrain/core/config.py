@@ -18,11 +18,11 @@ from cytopretrain.core.errors import ConfigError
 SCHEMA_PATH = REPO_ROOT / "workflow" / "schemas" / "config.schema.yaml"
 
 
-# Table formats a well_profiles file may have, by file-name ending (cytopretrain.evaluation.well_profiles
+# Table formats a profiles file may have, by file-name ending (cytopretrain.evaluation.profiles
 # reads them); checked here so a wrong file stops the run before any job.
 TABLE_SUFFIXES = (".csv", ".csv.gz", ".tsv", ".tsv.gz", ".parquet")
-# results/eval/well_profiles/ holds the well_profiles results, so no benchmark may take the name.
-WELL_PROFILES_DIR = "well_profiles"
+# results/eval/profiles/ holds the profiles results, so no benchmark may take the name.
+PROFILES_DIR = "profiles"
 
 
 def _with_defaults(validator_class):
@@ -49,7 +49,7 @@ def _describe(error: jsonschema.ValidationError) -> str:
             f"config key 'sources.{_key(list(error.path)[1:])}': give exactly one of "
             "resource, url, urls, synthetic, path"
         )
-    if error.validator == "oneOf" and error.path and error.path[0] == "well_profiles":
+    if error.validator == "oneOf" and error.path and error.path[0] == "profiles":
         return (
             f"config key '{_key(error.path)}': give a file path or {{source: <source name>, "
             "file: <path inside its folder>}"
@@ -116,17 +116,17 @@ def _check_semantics(config: dict) -> None:
         if "adapter" not in spec and "resource" not in spec and spec["role"] != "files":
             raise ConfigError(f"config key 'sources.{name}.adapter': required unless a resource YAML names it")
     models = _check_learning(config)
-    _check_well_profiles(config, models)
+    _check_profiles(config, models)
     # Curation only runs for pretrain sources, so a config without them must evaluate something.
     has_pretrain = any(spec["role"] == "pretrain" for spec in config["sources"].values())
     if config["training"]["runs"] and not has_pretrain:
         raise ConfigError(
             "config key 'sources': training.runs train on the curated set, so at least one source needs role 'pretrain'"
         )
-    if not has_pretrain and not config["well_profiles"] and not (config["benchmarks"] and models):
+    if not has_pretrain and not config["profiles"] and not (config["benchmarks"] and models):
         raise ConfigError(
             "config key 'sources': nothing to do: no source has role 'pretrain', no benchmark has a "
-            "model (training.runs or features.external) and well_profiles is empty"
+            "model (training.runs or features.external) and profiles is empty"
         )
 
 
@@ -174,10 +174,10 @@ def _check_learning(config: dict) -> set[str]:
                     f"(models: {', '.join(sorted(models)) or 'none'})"
                 )
     for name, benchmark in config["benchmarks"].items():
-        if name == WELL_PROFILES_DIR:
+        if name == PROFILES_DIR:
             raise ConfigError(
-                f"config key 'benchmarks.{name}': the name is reserved for the well_profiles results "
-                f"(results/eval/{WELL_PROFILES_DIR}/)"
+                f"config key 'benchmarks.{name}': the name is reserved for the profiles results "
+                f"(results/eval/{PROFILES_DIR}/)"
             )
         source = config["sources"].get(benchmark["source"])
         if source is None or source["role"] != "benchmark":
@@ -190,20 +190,37 @@ def _check_learning(config: dict) -> set[str]:
     return models | set(features["fusion"])
 
 
-def _check_well_profiles(config: dict, models: set[str]) -> None:
-    """Names, table files and the sources they come from; every files source must be read."""
+def _table_files(spec: dict, key: str) -> list[tuple[str, object]]:
+    """(config key, file) of every table a profiles entry reads."""
+    files = [(f"{key}.path", spec["path"])]
+    files += [(f"{key}.join[{n}].path", join["path"]) for n, join in enumerate(spec["join"])]
+    return files
+
+
+def _check_profiles(config: dict, models: set[str]) -> None:
+    """Names, roles, table files and the sources they come from; every files source must be read."""
+    from cytopretrain.evaluation.profiles import PROTOCOL_ROLES
+
     sources = config["sources"]
     read_from = set()
-    for name, spec in config["well_profiles"].items():
-        if name in models:
+    for name, spec in config["profiles"].items():
+        key = f"profiles.{name}"
+        if (spec["benchmark"] in config["benchmarks"] or spec["benchmark"] is None) and name in models:
             raise ConfigError(
-                f"config key 'well_profiles.{name}': the name is already a model; both would be "
-                f"rows bbbc021 / {name} of summary.tsv"
+                f"config key '{key}': the name is already a model; both would be rows {spec['benchmark'] or name} "
+                f"/ {name} of summary.tsv"
             )
-        if spec["plate_col"] == spec["well_col"]:
-            raise ConfigError(f"config key 'well_profiles.{name}.well_col': {spec['well_col']!r} is also plate_col")
-        for key in ("path", "image_csv", "moa_csv"):
-            where, file = f"well_profiles.{name}.{key}", spec[key]
+        for protocol in spec["protocols"]:
+            missing = [role for role in PROTOCOL_ROLES[protocol] if not spec[role]]
+            if missing:
+                raise ConfigError(f"config key '{key}.protocols': {protocol} needs {' and '.join(missing)}")
+        if "replicate_map" in spec["protocols"] and spec["aggregate"] != "none":
+            raise ConfigError(f"config key '{key}.aggregate': replicate_map needs the replicates; use aggregate: none")
+        if spec["normalize"]["fit"] == "controls" and not spec["controls"]:
+            raise ConfigError(f"config key '{key}.normalize.fit': 'controls' needs `controls`")
+        if spec["normalize"]["by_batch"] and not spec["batch"]:
+            raise ConfigError(f"config key '{key}.normalize.by_batch': needs `batch`")
+        for where, file in _table_files(spec, key):
             if isinstance(file, dict):
                 if file["source"] not in sources:
                     raise ConfigError(
@@ -226,5 +243,5 @@ def _check_well_profiles(config: dict, models: set[str]) -> None:
         if spec["role"] == "files" and name not in read_from:
             raise ConfigError(
                 f"config key 'sources.{name}.role': a 'files' source is only downloaded for "
-                "well_profiles, and no well_profiles entry reads from it"
+                "profiles, and no profiles entry reads from it"
             )

@@ -23,7 +23,7 @@ a failed download or an unbalanced funnel), so existing ``except ValueError`` co
     ├── WeightsError             a weights file does not fit the backbone
     ├── KnnError                 bad kNN arguments
     ├── EvaluationError          a protocol cannot run on a profile table
-    ├── WellProfileError         a per-well table or its join tables are unusable
+    ├── ProfileError             a profile table or a table joined to it is unusable
     └── ReportInputError         a report input is missing or malformed
 """
 
@@ -123,8 +123,8 @@ class EvaluationError(CytopretrainError, ValueError):
     """A protocol cannot run on the given profiles; the message names the protocol."""
 
 
-class WellProfileError(CytopretrainError, ValueError):
-    """A per-well profile table or a table joined to it cannot be used."""
+class ProfileError(CytopretrainError, ValueError):
+    """A profile table (config profiles:) or a table joined to it cannot be used; the message names the config key."""
 
 
 class ReportInputError(CytopretrainError, ValueError):

@@ -1,50 +1,83 @@
 """Run a benchmark's protocols on one profile table (the evaluate rule).
 
-A benchmark (config ``benchmarks.<name>``) names its protocols and the canonical column holding
-the class (``label``, default phenotype). Protocols read the profile columns
-``Metadata_<label>``, ``Metadata_compound``, ``Metadata_concentration``, ``Metadata_batch``
-and ``Metadata_split`` written by evaluation.features.
+A benchmark (config ``benchmarks.<name>``) names its protocols, the canonical column holding
+the class (``label``, default phenotype), optionally the column naming a perturbation
+(``perturbation``, e.g. compound) and its control rows (``controls``). Protocols read the
+profile columns ``Metadata_<label>``, ``Metadata_compound``, ``Metadata_concentration``,
+``Metadata_batch`` and ``Metadata_split`` written by evaluation.features: a benchmark's CNN
+features are a profile table like any other (evaluation.profiles runs the same functions).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import pandas as pd
 
 from cytopretrain.evaluation import protocols
+from cytopretrain.evaluation.profile_tables import METADATA_PREFIX
+from cytopretrain.evaluation.profiles import control_mask
+from cytopretrain.evaluation.protocols.mean_ap import mean_average_precision
 
 # What a benchmark entry means when it leaves a key out (the config schema shows the same).
-BENCHMARK_DEFAULTS = {"label": "phenotype", "published": None, "embedding": "pca", "k": 11}
-
-# How each protocol runs on a benchmark's profiles: (profiles, label column, benchmark) -> result.
-PROTOCOLS: dict[str, Callable[[pd.DataFrame, str, dict], dict]] = {
-    "nsc": lambda profiles, label, benchmark: protocols.nsc(profiles, **_moa_columns(label)),
-    "nscb": lambda profiles, label, benchmark: protocols.nscb(
-        profiles, **_moa_columns(label), batch_col="Metadata_batch"
-    ),
-    "knn_holdout": lambda profiles, label, benchmark: protocols.knn_holdout(
-        profiles, label_col=label, split_col="Metadata_split", k=benchmark.get("k", BENCHMARK_DEFAULTS["k"])
-    ),
-    "knn_loo": lambda profiles, label, benchmark: protocols.knn_loo(
-        profiles, label_col=label, k=benchmark.get("k", BENCHMARK_DEFAULTS["k"])
-    ),
-    "map": lambda profiles, label, benchmark: protocols.mean_average_precision(profiles, label_col=label),
-    "multilabel_f1": lambda profiles, label, benchmark: protocols.multilabel_f1(profiles, labels_col=label),
-    "pair_threshold": lambda profiles, label, benchmark: protocols.pair_threshold(profiles, label_col=label),
-    "nn_agreement": lambda profiles, label, benchmark: protocols.nn_agreement(
-        profiles, label_col=label, space=benchmark.get("embedding", BENCHMARK_DEFAULTS["embedding"])
-    ),
+BENCHMARK_DEFAULTS = {
+    "label": "phenotype",
+    "published": None,
+    "embedding": "pca",
+    "k": 11,
+    "perturbation": None,
+    "controls": {},
+    "map": {},
 }
 
 
-def _moa_columns(label: str) -> dict:
+def _controls(profiles: pd.DataFrame, benchmark: dict) -> np.ndarray | None:
+    if not benchmark["controls"]:
+        return None
+    mapping = {METADATA_PREFIX + column: values for column, values in benchmark["controls"].items()}
+    return control_mask(profiles, mapping, f"benchmarks.{benchmark.get('name', '<benchmark>')}")
+
+
+def _moa(profiles: pd.DataFrame, label: str, benchmark: dict) -> dict:
+    mask = _controls(profiles, benchmark)
     return {
         "moa_col": label,
         "compound_col": "Metadata_compound",
         "concentration_col": "Metadata_concentration",
-        "control": "dmso",
+        # without `controls`, BBBC021's DMSO
+        **({"control": "dmso"} if mask is None else {"control_mask": mask}),
     }
+
+
+def _map(profiles: pd.DataFrame, label: str, benchmark: dict) -> dict:
+    perturbation = benchmark["perturbation"]
+    return mean_average_precision(
+        profiles,
+        label_col=label,
+        perturbation_col=METADATA_PREFIX + perturbation if perturbation else None,
+        control_mask=_controls(profiles, benchmark),
+        **benchmark["map"],
+    )
+
+
+# How each protocol runs on a benchmark's profiles: (profiles, label column, benchmark) -> result.
+PROTOCOLS: dict[str, Callable[[pd.DataFrame, str, dict], dict]] = {
+    "nsc": lambda profiles, label, benchmark: protocols.nsc(profiles, **_moa(profiles, label, benchmark)),
+    "nscb": lambda profiles, label, benchmark: protocols.nscb(
+        profiles, **_moa(profiles, label, benchmark), batch_col="Metadata_batch"
+    ),
+    "knn_holdout": lambda profiles, label, benchmark: protocols.knn_holdout(
+        profiles, label_col=label, split_col="Metadata_split", k=benchmark["k"]
+    ),
+    "knn_loo": lambda profiles, label, benchmark: protocols.knn_loo(profiles, label_col=label, k=benchmark["k"]),
+    "map": _map,
+    "multilabel_f1": lambda profiles, label, benchmark: protocols.multilabel_f1(profiles, labels_col=label),
+    "pair_threshold": lambda profiles, label, benchmark: protocols.pair_threshold(profiles, label_col=label),
+    "nn_agreement": lambda profiles, label, benchmark: protocols.nn_agreement(
+        profiles, label_col=label, space=benchmark["embedding"]
+    ),
+}
 
 
 def run_protocols(profiles: pd.DataFrame, benchmark: dict) -> dict:
@@ -60,6 +93,7 @@ def evaluate_benchmark(profiles: pd.DataFrame, benchmark: dict, name: str, model
     ``profiles`` are sorted by Metadata_idx first, so the record does not depend on the order in
     which extraction wrote them.
     """
+    benchmark = {**BENCHMARK_DEFAULTS, **benchmark, "name": name}
     profiles = profiles.sort_values("Metadata_idx", ignore_index=True)
     record = {
         "benchmark": name,

@@ -1,7 +1,7 @@
 """Feature extraction: a backbone's global-average-pooled features for every image of a table.
 
 Input is a canonical table (core.schema) of a benchmark source, one row per image; output is a
-profile table (evaluation.profiles): ``Metadata_`` columns followed by float32 feature columns.
+profile table (evaluation.profile_tables): ``Metadata_`` columns followed by float32 feature columns.
 Images that cannot give features go to a failure table (idx, stage, reason, detail):
 profiles + failures = table rows.
 
@@ -54,7 +54,7 @@ from cytopretrain.core.imageio import read_channels
 from cytopretrain.core.parallel import ordered_map
 from cytopretrain.core.schema import QUARANTINE_FIELDS
 from cytopretrain.evaluation.preprocess import CHANNEL_MODES, Failed, Job, Loaded, load_group
-from cytopretrain.evaluation.profiles import (
+from cytopretrain.evaluation.profile_tables import (
     ProfileWriter,
     feature_names,
     metadata_frame,

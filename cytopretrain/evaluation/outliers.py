@@ -28,7 +28,7 @@ from cytopretrain.core.numerics import zscore
 from cytopretrain.core.tables import decode_pixels
 from cytopretrain.curation.shards import iter_shard, load_index
 from cytopretrain.evaluation.knn import knn
-from cytopretrain.evaluation.profiles import metadata_columns
+from cytopretrain.evaluation.profile_tables import metadata_columns
 from cytopretrain.evaluation.protocols.common import as_matrix
 from cytopretrain.learning.models import build_backbone
 from cytopretrain.learning.pretext import build_method

@@ -152,6 +152,64 @@ def _embedding_figure(record: dict) -> Figure:
     return figure
 
 
+RETRIEVAL_PROTOCOLS = {"map": "label", "replicate_map": "perturbation"}
+RETRIEVAL_TABLE_ROWS = 30
+
+
+def retrieval_protocols(results: dict) -> list[str]:
+    """The mAP protocols of a record whose result carries per-group significance."""
+    return [
+        name
+        for name in RETRIEVAL_PROTOCOLS
+        if isinstance(results.get(name), dict)
+        and all(isinstance(group, dict) and "q_value" in group for group in results[name].get("per_class", {}).values())
+        and results[name].get("per_class")
+    ]
+
+
+def _retrieval_figure(record: dict, protocol: str) -> Figure:
+    """Per group: mAP against -log10 of its permutation p-value; retrieved groups (corrected
+    p-value below the threshold) in colour."""
+    result = record["results"][protocol]
+    groups = result["per_class"]
+    mean_ap = np.array([g["mean_average_precision"] for g in groups.values()])
+    score = -np.log10(np.maximum([g["p_value"] for g in groups.values()], 1e-300))
+    retrieved = np.array([g["retrieved"] for g in groups.values()])
+    figure = new_figure(5.0, 4.0)
+    ax = figure.add_subplot()
+    ax.scatter(mean_ap[~retrieved], score[~retrieved], s=18, color="#9e9e9e", label="not retrieved")
+    ax.scatter(mean_ap[retrieved], score[retrieved], s=18, color="#1f77b4", label="retrieved (q < threshold)")
+    ax.set_xlabel(f"mAP per {RETRIEVAL_PROTOCOLS[protocol]}")
+    ax.set_ylabel("-log10 p-value")
+    ax.set_xlim(-0.02, 1.02)
+    ax.legend(fontsize=7, loc="upper left")
+    ax.set_title(
+        f"{record['benchmark']} / {record['model']}: {protocol}\nmAP {result['mean_average_precision']:.3f}, "
+        f"retrieved {result['fraction_retrieved']:.0%} of {len(groups)}",
+        fontsize=10,
+    )
+    return figure
+
+
+def retrieval_table(result: dict) -> pd.DataFrame:
+    """The groups by descending mAP (at most RETRIEVAL_TABLE_ROWS) with their significance."""
+    rows = [
+        {
+            "group": name,
+            "queries": g["n"],
+            "mAP": g["mean_average_precision"],
+            "p": g["p_value"],
+            "q": g["q_value"],
+            "retrieved": "yes" if g["retrieved"] else "no",
+        }
+        for name, g in result["per_class"].items()
+    ]
+    table = pd.DataFrame(rows).sort_values(["mAP", "group"], ascending=[False, True]).head(RETRIEVAL_TABLE_ROWS)
+    return table.assign(
+        mAP=table["mAP"].map("{:.3f}".format), p=table["p"].map("{:.2g}".format), q=table["q"].map("{:.2g}".format)
+    )
+
+
 def first_accuracy_protocol(results: dict) -> str | None:
     """The first protocol whose result has a confusion matrix."""
     for protocol, result in results.items():
@@ -224,7 +282,10 @@ def evaluation_section(summary: pd.DataFrame, evaluations: list[dict]) -> str:
             "First: the profiles projected to two dimensions, one dot per image (or profile), coloured "
             "by its true label; well separated colours mean the features tell the classes apart. Then, "
             "for the first accuracy-type protocol, how often items of each true label (row) were "
-            "predicted as each label (column), as a share of the row; a strong diagonal is good."
+            "predicted as each label (column), as a share of the row; a strong diagonal is good. For "
+            "mean average precision (map, replicate_map): each label's (or perturbation's) mAP against "
+            "its permutation p-value, and the table of groups; a group is retrieved when its "
+            "Benjamini-Hochberg corrected p-value is below the threshold (0.05 by default)."
         )
     )
     if not evaluations:
@@ -256,8 +317,15 @@ def evaluation_section(summary: pd.DataFrame, evaluations: list[dict]) -> str:
                     f"confusion matrix of {record['benchmark']} / {record['model']}",
                 )
             )
+        retrieval = retrieval_protocols(record["results"])
+        figures += [
+            figure_img(_retrieval_figure(record, protocol), f"{protocol} of {record['benchmark']} / {record['model']}")
+            for protocol in retrieval
+        ]
         if figures:
             body.append('<div class="row">' + "".join(figures) + "</div>")
         body += wide
+        for protocol in retrieval:
+            body.append(html_table(retrieval_table(record["results"][protocol]), scroll=True))
         body += [note(text) for text in notes]
     return section_html("evaluation", "5. Evaluation", body)

@@ -25,7 +25,7 @@ for _name, _spec in SOURCES.items():
 PRETRAIN_SOURCES = [
     name for name, spec in SOURCES.items() if spec["role"] == "pretrain"
 ]
-# Files sources are only downloaded (for well_profiles); every other source is cleaned.
+# Files sources are only downloaded (for profiles); every other source is cleaned.
 CLEANED_SOURCES = [name for name, spec in SOURCES.items() if spec["role"] != "files"]
 
 
@@ -212,8 +212,8 @@ def get_outlier_outputs():
 
 
 def get_summary_inputs(wildcards=None):
-    """Every result summary.tsv tabulates: benchmark x model, then the well-profile tables."""
-    return [*get_evaluations(), *get_well_profile_results()]
+    """Every result summary.tsv tabulates: benchmark x model, then the profile tables."""
+    return [*get_evaluations(), *get_profile_results()]
 
 
 def get_learning_outputs():
@@ -226,50 +226,52 @@ def get_learning_outputs():
     return outputs
 
 
-# ------------------------------------------------ precomputed per-well profiles (BBBC021)
+# ------------------------------------------------ profile tables (config profiles:)
 
-WELL_PROFILES = config["well_profiles"]
-# The tables of a well_profiles entry, and what the user provides when one is a local path.
-WELL_PROFILE_TABLES = {
-    "path": "the per-well profile table (one row per plate and well, e.g. CellProfiler per-well means)",
-    "image_csv": "BBBC021_v1_image.csv from https://data.broadinstitute.org/bbbc/BBBC021/",
-    "moa_csv": "BBBC021_v1_moa.csv from https://data.broadinstitute.org/bbbc/BBBC021/",
-}
-for _name, _spec in WELL_PROFILES.items():
+PROFILES = config["profiles"]
+for _name, _spec in PROFILES.items():
     # Not an error here: another workflow using this one as a module may produce the file.
-    for _key, _what in WELL_PROFILE_TABLES.items():
-        if isinstance(_spec[_key], str) and not os.path.exists(_spec[_key]):
+    for _key, _table in [("path", _spec["path"])] + [
+        (f"join[{_n}].path", _join["path"]) for _n, _join in enumerate(_spec["join"])
+    ]:
+        if isinstance(_table, str) and not os.path.exists(_table):
             print(
-                f"NOTE: config key 'well_profiles.{_name}.{_key}': {_spec[_key]} does not exist; "
-                f"provide {_what} there, or {{source: <name>, file: <path>}} to download it",
+                f"NOTE: config key 'profiles.{_name}.{_key}': {_table} does not exist; provide the "
+                "table there, or {source: <name>, file: <path>} to download it",
                 file=sys.stderr,
             )
 
 
-def well_profile_file(table):
-    """Path of a well_profiles table: as given, or inside the folder of the source it names."""
+def profile_file(table):
+    """Path of a profiles table: as given, or inside the folder of the source it names."""
     if isinstance(table, dict):
         return os.path.join(source_root(table["source"]), table["file"])
     return table
 
 
-def get_well_profile_inputs(wildcards):
+def profile_tables(spec):
+    """The entry's tables: its profile table, then each joined table."""
+    return [spec["path"], *(join["path"] for join in spec["join"])]
+
+
+def get_profile_inputs(wildcards):
     """What the job waits for: each local table, or the folder of the source holding it."""
-    spec = WELL_PROFILES[wildcards.name]
+    tables = profile_tables(PROFILES[wildcards.name])
     return {
-        key: (
-            source_root(spec[key]["source"])
-            if isinstance(spec[key], dict)
-            else spec[key]
+        f"table{number}": (
+            source_root(table["source"]) if isinstance(table, dict) else table
         )
-        for key in WELL_PROFILE_TABLES
+        for number, table in enumerate(tables)
     }
 
 
-def get_well_profile_files(wildcards):
-    spec = WELL_PROFILES[wildcards.name]
-    return {key: well_profile_file(spec[key]) for key in WELL_PROFILE_TABLES}
+def get_profile_files(wildcards):
+    spec = PROFILES[wildcards.name]
+    return {
+        "path": profile_file(spec["path"]),
+        "join": [profile_file(join["path"]) for join in spec["join"]],
+    }
 
 
-def get_well_profile_results(wildcards=None):
-    return expand("results/eval/well_profiles/{name}.json", name=WELL_PROFILES)
+def get_profile_results(wildcards=None):
+    return expand("results/eval/profiles/{name}.json", name=PROFILES)

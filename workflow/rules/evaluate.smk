@@ -9,7 +9,7 @@ rule evaluate:
     benchmark:
         "benchmarks/evaluate/{benchmark}/{model}.tsv"
     wildcard_constraints:
-        # results/eval/well_profiles/ belongs to rule evaluate_well_profiles.
+        # results/eval/profiles/ belongs to rule evaluate_profiles.
         benchmark=name_pattern(BENCHMARKS),
     conda:
         "../../envs/training.yaml"

@@ -21,21 +21,13 @@ tie between labels goes to the tied label whose nearest neighbour comes first.
 """
 
 from cytopretrain.evaluation.protocols.embedding import embedding_2d, nn_agreement
-from cytopretrain.evaluation.protocols.moa import (
-    bbbc021_from_well_profiles,
-    bbbc021_well_results,
-    bbbc021_well_table,
-    nsc,
-    nscb,
-)
+from cytopretrain.evaluation.protocols.mean_ap import mean_average_precision, replicate_map
+from cytopretrain.evaluation.protocols.moa import nsc, nscb
 from cytopretrain.evaluation.protocols.multilabel import multilabel_f1
 from cytopretrain.evaluation.protocols.neighbours import knn_holdout, knn_loo
-from cytopretrain.evaluation.protocols.retrieval import mean_average_precision, pair_threshold
+from cytopretrain.evaluation.protocols.retrieval import pair_threshold
 
 __all__ = [
-    "bbbc021_from_well_profiles",
-    "bbbc021_well_results",
-    "bbbc021_well_table",
     "embedding_2d",
     "knn_holdout",
     "knn_loo",
@@ -45,4 +37,5 @@ __all__ = [
     "nsc",
     "nscb",
     "pair_threshold",
+    "replicate_map",
 ]

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 
 from cytopretrain.core.errors import EvaluationError
-from cytopretrain.evaluation.profiles import METADATA_PREFIX, feature_columns, metadata_columns
+from cytopretrain.evaluation.profile_tables import METADATA_PREFIX, feature_columns, metadata_columns
 
 NO_PREDICTION = "<none>"
 

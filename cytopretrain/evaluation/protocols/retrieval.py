@@ -1,5 +1,5 @@
-"""Retrieval: mean average precision of same-label retrieval, and seed 003's pair query by a
-cosine-similarity threshold."""
+"""Seed 003's pair query: "same class?" answered by a cosine-similarity threshold, and rank-10
+retrieval (mean average precision is in mean_ap)."""
 
 from __future__ import annotations
 
@@ -14,61 +14,6 @@ from cytopretrain.evaluation.protocols.common import (
     label_values,
     require_columns,
 )
-
-
-def mean_average_precision(
-    profiles: pd.DataFrame, *, label_col: str = "Metadata_label", block_rows: int | None = None
-) -> dict:
-    """mAP of same-label retrieval by cosine similarity (as copairs' average_precision).
-
-    Every row is a query; all other rows are ranked by cosine similarity of the features as
-    given (no scaling; a zero row has similarity 0), highest first, equal similarities by row
-    order. Positives are rows with the same label. AP = mean over positives of the precision at
-    the positive's rank. Rows whose label has no other row have no AP (counted in n_skipped,
-    None in ``average_precision``). Returns protocol, n (queries with an AP),
-    mean_average_precision (mean over those queries), macro_map (mean of per-label means),
-    per_class (label -> n, mean_average_precision), average_precision (per row, table order).
-    Time O(n² log n); memory bounded by ``block_rows`` x n similarities.
-    """
-    require_columns(profiles, [label_col], "mean_average_precision")
-    labels = label_values(profiles, label_col, "mean_average_precision")
-    values = feature_matrix(profiles, "mean_average_precision").astype(np.float64)
-    norms = np.linalg.norm(values, axis=1, keepdims=True)
-    unit = values / np.where(norms > 0, norms, 1.0)
-    _, codes = np.unique(labels, return_inverse=True)
-    n = len(labels)
-    block_rows = block_rows or max(1, (1 << 22) // max(n, 1))
-    ap = np.full(n, np.nan)
-    for start in range(0, n, block_rows):
-        rows = np.arange(start, min(start + block_rows, n))
-        similarity = unit[rows] @ unit.T
-        similarity[np.arange(len(rows)), rows] = -np.inf  # the query itself ranks last
-        order = np.argsort(-similarity, axis=1, kind="stable")[:, :-1]
-        relevant = codes[order] == codes[rows][:, None]
-        hits = np.cumsum(relevant, axis=1)
-        n_positive = relevant.sum(axis=1)
-        precision_sum = (relevant * hits / np.arange(1, n)).sum(axis=1)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            ap[rows] = np.where(n_positive > 0, precision_sum / n_positive, np.nan)
-    valid = ~np.isnan(ap)
-    if not valid.any():
-        raise EvaluationError(f"mean_average_precision: no label in {label_col!r} has two rows")
-    per_class = {
-        label: {
-            "n": int((labels[valid] == label).sum()),
-            "mean_average_precision": float(ap[valid][labels[valid] == label].mean()),
-        }
-        for label in sorted(set(labels[valid]))
-    }
-    return {
-        "protocol": "mean_average_precision",
-        "n": int(valid.sum()),
-        "n_skipped": int((~valid).sum()),
-        "mean_average_precision": float(ap[valid].mean()),
-        "macro_map": float(np.mean([c["mean_average_precision"] for c in per_class.values()])),
-        "per_class": per_class,
-        "average_precision": [None if np.isnan(a) else float(a) for a in ap],
-    }
 
 
 def pair_threshold(
