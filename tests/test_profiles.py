@@ -59,6 +59,25 @@ def test_ljosa_figures_through_profiles(aggregate, nsc, nscb):
     assert results["nsc"]["chance_accuracy"] < 0.1 < results["nsc"]["accuracy"] - 2 * results["nsc"]["ci95"]
 
 
+def joined_wells(how: str) -> pd.DataFrame:
+    """The Ljosa wells joined by hand (pandas) to their compound, concentration and MOA."""
+    images = pd.read_csv(IMAGES).drop_duplicates(["Image_Metadata_Plate_DAPI", "Image_Metadata_Well_DAPI"])
+    return (
+        pd.read_csv(WELLS)
+        .merge(
+            images,
+            left_on=["Image_Metadata_Plate", "Image_Metadata_Well"],
+            right_on=["Image_Metadata_Plate_DAPI", "Image_Metadata_Well_DAPI"],
+        )
+        .merge(
+            pd.read_csv(MOA),
+            how=how,
+            left_on=["Image_Metadata_Compound", "Image_Metadata_Concentration"],
+            right_on=["compound", "concentration"],
+        )
+    )
+
+
 @needs_data
 def test_ljosa_nsc_and_map_recomputed_independently():
     """NSC with pandas and scikit-learn from the raw tables; MOA retrieval of the treatments with
@@ -67,16 +86,7 @@ def test_ljosa_nsc_and_map_recomputed_independently():
 
     record, _ = evaluate_profiles("ljosa", entry(), FILES)
     wells = pd.read_csv(WELLS)
-    images = pd.read_csv(IMAGES).drop_duplicates(["Image_Metadata_Plate_DAPI", "Image_Metadata_Well_DAPI"])
-    joined = wells.merge(
-        images,
-        left_on=["Image_Metadata_Plate", "Image_Metadata_Well"],
-        right_on=["Image_Metadata_Plate_DAPI", "Image_Metadata_Well_DAPI"],
-    ).merge(
-        pd.read_csv(MOA),
-        left_on=["Image_Metadata_Compound", "Image_Metadata_Concentration"],
-        right_on=["compound", "concentration"],
-    )
+    joined = joined_wells(how="inner")
     joined = joined[joined["compound"] != "DMSO"].reset_index(drop=True)
     z = pd.DataFrame(StandardScaler().fit_transform(joined[wells.columns[2:]]))
     profiles = z.groupby([joined["compound"], joined["concentration"]]).mean()
@@ -109,17 +119,7 @@ def pycytominer_style(tmp_path) -> str:
     """The Ljosa wells as pycytominer writes per-well profiles: Metadata_ columns (moa included,
     as pycytominer's annotate does), then features; a few undefined and constant features."""
     wells = pd.read_csv(WELLS)
-    images = pd.read_csv(IMAGES).drop_duplicates(["Image_Metadata_Plate_DAPI", "Image_Metadata_Well_DAPI"])
-    joined = wells.merge(
-        images,
-        left_on=["Image_Metadata_Plate", "Image_Metadata_Well"],
-        right_on=["Image_Metadata_Plate_DAPI", "Image_Metadata_Well_DAPI"],
-    ).merge(
-        pd.read_csv(MOA),
-        how="left",
-        left_on=["Image_Metadata_Compound", "Image_Metadata_Concentration"],
-        right_on=["compound", "concentration"],
-    )
+    joined = joined_wells(how="left")
     table = pd.DataFrame(
         {
             "Metadata_Plate": joined["Image_Metadata_Plate"],

@@ -53,6 +53,11 @@ def feature_columns(profiles: pd.DataFrame) -> list[str]:
     return [c for c in profiles.columns if not str(c).startswith(METADATA_PREFIX)]
 
 
+def non_numeric(table: pd.DataFrame, columns: list[str]) -> list[str]:
+    """The columns that cannot be features: not numeric, or boolean."""
+    return [c for c in columns if not pd.api.types.is_numeric_dtype(table[c]) or pd.api.types.is_bool_dtype(table[c])]
+
+
 def feature_names(mode: str, channel_names: list[str], per_image: int, feature_dim: int) -> list[str]:
     """Feature column names: ``f_<k>`` (merge) or ``f_<channel>_<k>`` (concat; c0, c1, ...
     when the table names no channels)."""

@@ -52,6 +52,7 @@ from cytopretrain.evaluation.profile_tables import (
     METADATA_PREFIX,
     feature_columns,
     metadata_columns,
+    non_numeric,
     read_profile_table,
 )
 from cytopretrain.evaluation.protocols import embedding_2d
@@ -181,9 +182,7 @@ def _feature_names(table: pd.DataFrame, features: str | list[str] | None, key: s
         candidates = list(features)
     if not candidates:
         raise ProfileError(f"config key '{key}.features': no feature column; the table has {_columns_hint(table)}")
-    text = [
-        c for c in candidates if not pd.api.types.is_numeric_dtype(table[c]) or pd.api.types.is_bool_dtype(table[c])
-    ]
+    text = non_numeric(table, candidates)
     if text:
         raise ProfileError(
             f"config key '{key}': column(s) {text[:5]} are not numeric; metadata columns must start with "

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 
 from cytopretrain.core.errors import EvaluationError
-from cytopretrain.evaluation.profile_tables import METADATA_PREFIX, feature_columns, metadata_columns
+from cytopretrain.evaluation.profile_tables import METADATA_PREFIX, feature_columns, metadata_columns, non_numeric
 
 NO_PREDICTION = "<none>"
 
@@ -28,12 +28,10 @@ def feature_matrix(profiles: pd.DataFrame, protocol: str) -> np.ndarray:
     columns = feature_columns(profiles)
     if not columns:
         raise EvaluationError(f"{protocol}: no feature columns (every column starts with {METADATA_PREFIX!r})")
-    non_numeric = [
-        c for c in columns if not pd.api.types.is_numeric_dtype(profiles[c]) or pd.api.types.is_bool_dtype(profiles[c])
-    ]
-    if non_numeric:
+    text = non_numeric(profiles, columns)
+    if text:
         raise EvaluationError(
-            f"{protocol}: non-numeric feature column(s) {non_numeric[:5]}; "
+            f"{protocol}: non-numeric feature column(s) {text[:5]}; "
             f"metadata columns must start with {METADATA_PREFIX!r}"
         )
     dtype = np.float32 if all(profiles[c].dtype == np.float32 for c in columns) else np.float64
