@@ -12,7 +12,13 @@ import torchvision
 from torch import nn
 
 from cytopretrain.core.errors import WeightsError
-from cytopretrain.learning.models import BACKBONES, InferenceBackbone, build_backbone, load_backbone, save_backbone
+from cytopretrain.learning.models import (
+    TORCHVISION_BACKBONES,
+    InferenceBackbone,
+    build_backbone,
+    load_backbone,
+    save_backbone,
+)
 from cytopretrain.learning.pretext import build_method
 
 # Pooled feature sizes as torchvision documents the networks' classifier inputs.
@@ -47,7 +53,7 @@ def pooled_features(network: nn.Module, name: str, x: torch.Tensor) -> torch.Ten
 
 
 def test_backbone_names_match_documented_sizes():
-    assert set(BACKBONES) == set(FEATURE_DIM)
+    assert set(TORCHVISION_BACKBONES) == set(FEATURE_DIM)
 
 
 @pytest.mark.parametrize("name", ["resnet18", "efficientnet_b0"])
@@ -73,7 +79,7 @@ def test_large_backbones_one_forward(name):
     assert torch.isfinite(features).all()
 
 
-@pytest.mark.parametrize("name", BACKBONES)
+@pytest.mark.parametrize("name", TORCHVISION_BACKBONES)
 def test_random_init_changes_only_the_first_convolution(name):
     reference = getattr(torchvision.models, name)(weights=None).state_dict()
     own = build_backbone(name, in_channels=2).state_dict()
@@ -122,7 +128,7 @@ UNFOLDED_NORMS = {
 }
 
 
-@pytest.mark.parametrize("name", BACKBONES)
+@pytest.mark.parametrize("name", TORCHVISION_BACKBONES)
 def test_inference_copy_folds_batchnorm_and_keeps_the_features(tmp_path, name):
     path = tmp_path / f"{name}.pth"
     torch.save(torchvision_network(name).state_dict(), path)  # BatchNorm statistics far from 0 / 1

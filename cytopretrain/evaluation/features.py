@@ -283,6 +283,7 @@ def _batches(
         high=options.high,
         resize=options.resize,
         min_size=backbone.min_input_size,
+        multiple=backbone.input_multiple,
     )
     # A load group holds the images of one backbone batch: its memory is that of a batch.
     groups = [jobs[start : start + per_batch] for start in range(0, len(jobs), per_batch)]
@@ -357,9 +358,9 @@ def extract_features_to_parquet(
     return _failure_frame(stream.failures)
 
 
-def random_init_backbone(name: str, in_channels: int = 1, seed: int = 0) -> Backbone:
+def random_init_backbone(name: str, in_channels: int = 1, seed: int = 0, pool: str | None = None) -> Backbone:
     """A backbone with torchvision's random init drawn from ``seed``: the same seed gives the
     same weights, and the global torch RNG is left untouched."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return build_backbone(name, in_channels=in_channels)
+        return build_backbone(name, in_channels=in_channels, pool=pool)

@@ -15,8 +15,9 @@
    channel on its own.
 4. ``resize=N``: each grey image resized to N x N (bilinear, antialiased when shrinking).
 5. Grey images smaller than the backbone's ``min_input_size`` on a side are zero-padded
-   (black, centred) up to that size: the padding adds background, which the average pool
-   dilutes.
+   (black, centred) up to that size, and for a ViT further up to the next multiple of its
+   patch size (``input_multiple``): the padding adds background, which the average pool
+   dilutes (a ViT's CLS token attends to it as to any background patch).
 
 Images are read in load groups (one backbone batch's worth); the images of a group that share
 shape and dtype go through steps 2-5 as one stack.
@@ -140,12 +141,13 @@ def resize_planes(planes: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(planes, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
 
 
-def pad_planes(planes: torch.Tensor, min_size: int) -> torch.Tensor:
-    """(B, C, H, W) zero-padded, centred, to at least min_size on each side."""
+def pad_planes(planes: torch.Tensor, min_size: int, multiple: int = 1) -> torch.Tensor:
+    """(B, C, H, W) zero-padded, centred, to at least min_size on each side, then up to a
+    multiple of ``multiple``."""
     height, width = planes.shape[2:]
-    if height >= min_size and width >= min_size:
+    out_h, out_w = (-(-max(side, min_size) // multiple) * multiple for side in (height, width))
+    if (out_h, out_w) == (height, width):
         return planes
-    out_h, out_w = max(height, min_size), max(width, min_size)
     top, left = (out_h - height) // 2, (out_w - width) // 2
     return F.pad(planes, (left, out_w - width - left, top, out_h - height - top))
 
@@ -171,6 +173,7 @@ def load_group(
     high: float,
     resize: int | None,
     min_size: int,
+    multiple: int = 1,
 ) -> list[Loaded | Failed]:
     """Read a group of images and turn each into the backbone's grey inputs (steps 1-5), or say
     why it cannot, in job order; images of one shape and dtype go through steps 2-5 as one stack."""
@@ -189,7 +192,7 @@ def load_group(
             planes = merge_channels(planes, active)
         if resize is not None:
             planes = resize_planes(planes, resize)
-        inputs = pad_planes(planes, min_size).numpy()
+        inputs = pad_planes(planes, min_size, multiple).numpy()
         for (job, _), image_inputs, image_active in zip(members, inputs, active):
             if image_active.any():
                 results.append(Loaded(job.position, image_inputs))
