@@ -12,9 +12,13 @@ torch.set_num_threads(snakemake.threads)
 spec = snakemake.params.model
 settings = snakemake.params.features
 if spec["weights"]:
-    backbone = build_backbone(spec["backbone"], in_channels=spec["in_channels"], weights=spec["weights"])
+    backbone = build_backbone(
+        spec["backbone"], in_channels=spec["in_channels"], weights=spec["weights"], pool=spec["pool"]
+    )
 else:
-    backbone = random_init_backbone(spec["backbone"], in_channels=spec["in_channels"], seed=spec["seed"])
+    backbone = random_init_backbone(
+        spec["backbone"], in_channels=spec["in_channels"], seed=spec["seed"], pool=spec["pool"]
+    )
 table = read_table(snakemake.input.table)
 failures = extract_features_to_parquet(
     table,

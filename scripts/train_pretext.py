@@ -32,12 +32,16 @@ else:
 if not result["finished"]:
     raise RuntimeError(f"training stopped at step {result['step']} of {settings['steps']}")
 # The declared outputs are copied last, so a killed job leaves only checkpoints behind.
-for name in ("backbone", "method", "metrics", "card"):
-    source = (
-        work_dir
-        / {"backbone": "backbone.pt", "method": "method.pt", "metrics": "metrics.jsonl", "card": "model_card.json"}[
-            name
-        ]
-    )
-    shutil.copyfile(source, snakemake.output[name])
-log.info("trained %s: %s", snakemake.wildcards.run, result["metrics"])
+sources = {
+    "backbone": "backbone.pt",
+    "best_backbone": "best_backbone.pt",
+    "method": "method.pt",
+    "metrics": "metrics.jsonl",
+    "card": "model_card.json",
+}
+for name, file_name in sources.items():
+    shutil.copyfile(work_dir / file_name, snakemake.output[name])
+if processes > 1:  # the ranks logged to the job's stderr: repeat the monitors' warnings here
+    for warning in result["warnings"]:
+        log.warning("%s", warning)
+log.info("trained %s: %s; best: %s", snakemake.wildcards.run, result["metrics"], result["best"])

@@ -116,6 +116,8 @@ def library_defaults() -> dict[str, object]:
     from cytopretrain.evaluation.outliers import score_crops
     from cytopretrain.evaluation.profiles import PROFILE_DEFAULTS
     from cytopretrain.evaluation.protocols.mean_ap import SIGNIFICANCE_DEFAULTS
+    from cytopretrain.learning.checkpoints import backbone_file
+    from cytopretrain.learning.models import build_backbone
     from cytopretrain.learning.settings import DEFAULTS
     from cytopretrain.learning.train import train
     from cytopretrain.synthetic import generate_collection
@@ -156,6 +158,8 @@ def library_defaults() -> dict[str, object]:
             },
         ),
         **of(train, **{"training.device": "device"}),
+        **of(backbone_file, **{"training.runs.*.checkpoint": "checkpoint"}),
+        **of(build_backbone, **{"features.external.*.pool": "pool"}),
         **{f"training.runs.*.{k}": v for k, v in DEFAULTS.items()},
         **{
             f"features.{k}": extraction[k]

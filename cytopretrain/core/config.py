@@ -133,14 +133,14 @@ def _check_semantics(config: dict) -> None:
 def random_baselines(runs: dict) -> dict[str, str]:
     """Random-init baseline name -> the run it stands beside.
 
-    A random-init backbone depends only on the architecture, input channels and seed, so runs
-    sharing all three share one baseline, ``random_<first such run>``: extracting it twice would
-    give the same features.
+    A random-init backbone's features depend only on the architecture, input channels, seed and
+    (ViTs) pooled feature, so runs sharing all four share one baseline, ``random_<first such
+    run>``: extracting it twice would give the same features.
     """
     baselines: dict[str, str] = {}
     seen: set[tuple] = set()
     for name, run in runs.items():
-        key = (run["backbone"], run["in_channels"], run["seed"])
+        key = (run["backbone"], run["in_channels"], run["seed"], run.get("pool"))
         if key not in seen:
             seen.add(key)
             baselines[f"random_{name}"] = name

@@ -2,9 +2,11 @@
 
 A checkpoint holds the whole method state dict, optimizer, scheduler (and GradScaler), step,
 epoch, batches done in the epoch, the random states of every rank, the metric sums of the
-current log interval and a hash of the settings that shape the run (learning.settings). Files
-are written atomically; only the newest KEEP_CHECKPOINTS are kept; all load with
-``weights_only=True``.
+current log interval, the monitors' state (learning.monitors; optional, so checkpoints from
+before the monitors still resume) and a hash of the settings that shape the run
+(learning.settings). Files are written atomically; only the newest KEEP_CHECKPOINTS are kept;
+all load with ``weights_only=True``. Beside them, ``best-<step>.pt`` holds the evaluated
+backbone of the best monitored step (learning.train, "Monitors").
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from cytopretrain.core.tables import atomic_path
 from cytopretrain.learning.settings import RESUME_NEUTRAL, trajectory_hash
 
 KEEP_CHECKPOINTS = 2
+# Which backbone file of a finished run feature extraction reads (the workflow's runs.<run>.checkpoint).
+BACKBONE_FILES = {"last": "backbone.pt", "best": "best_backbone.pt"}
 CHECKPOINT_FORMAT = 1
 CHECKPOINT_KEYS = (
     "format",
@@ -91,6 +95,25 @@ def _as_tuples(value: Any) -> Any:
 
 def checkpoint_path(out_dir: Path, step: int) -> Path:
     return out_dir / "checkpoints" / f"step-{step:07d}.pt"
+
+
+def backbone_file(run_dir: str | os.PathLike, checkpoint: str = "last") -> Path:
+    """The backbone file of a finished run: the last step's or the best monitored step's."""
+    if checkpoint not in BACKBONE_FILES:
+        raise ValueError(f"checkpoint must be one of {tuple(BACKBONE_FILES)}, got {checkpoint!r}")
+    return Path(run_dir) / BACKBONE_FILES[checkpoint]
+
+
+def best_path(out_dir: Path, step: int) -> Path:
+    return out_dir / "checkpoints" / f"best-{step:07d}.pt"
+
+
+def prune_best(out_dir: Path, keep_step: int | None) -> None:
+    """Delete the best-backbone files of every step but ``keep_step``."""
+    for path in (out_dir / "checkpoints").glob("best-*.pt"):
+        number = path.stem.removeprefix("best-")
+        if number.isdigit() and int(number) != keep_step:
+            path.unlink()
 
 
 def list_checkpoints(out_dir: Path) -> list[tuple[int, Path]]:

@@ -5,16 +5,19 @@ Interface used by the training loop (``cytopretrain.learning.train``)::
     method = build_method(name, backbone, n_classes=..., **options)
     optimizer = Optimizer(method.trainable_parameters(), ...)
     loss, metrics = method.loss(images, labels, generator)   # images (B, C, H, W) in [0, 1]
-    loss.backward(); optimizer.step()
-    method.after_optimizer_step(step, total_steps)            # step = optimizer steps done, 1..total
+    loss.backward()
+    method.before_optimizer_step(step, total_steps)           # step = this optimizer step, 1..total
+    optimizer.step()
+    method.after_optimizer_step(step, total_steps)
 
-- ``backbone`` is the artifact (save it with ``models.save_backbone``);
+- ``evaluation_backbone()`` is the artifact (save it with ``models.save_backbone``): the
+  trained ``backbone``, or DINO's teacher;
 - ``loss`` applies the method's own augmentations with ``generator`` (its only source of
   augmentation randomness); model-internal randomness (dropout, EfficientNet's stochastic
   depth) uses torch's global RNG, which the loop saves with its checkpoints for exact resume;
-- ``trainable_parameters()`` excludes BYOL's target network (``requires_grad=False``, moved
-  only by the EMA in ``after_optimizer_step``); it is still part of ``state_dict()`` so
-  checkpoints resume it;
+- ``trainable_parameters()`` excludes BYOL's target and DINO's teacher (``requires_grad=False``,
+  moved only by the EMA in ``after_optimizer_step``); they are still part of ``state_dict()``
+  so checkpoints resume them;
 - ``needs_labels``: only ``weak_label`` reads ``labels`` ((B,) integer class indices);
 - batches need at least 2 images (BatchNorm in training mode);
 - losses are computed in float32, also under bf16 autocast; augmented views keep the
@@ -30,6 +33,8 @@ Methods (seed documents in ``../shared/seeds``):
   neighbours, classifier over the neighbour's position.
 - ``autoencoder`` (seed 004): backbone encoder -> linear latent (150) -> transposed-conv
   decoder, reconstruction loss.
+- ``dino`` (Caron et al. 2021; DINO4Cells, scDINO): student and EMA teacher with a projection
+  head over prototypes, multi-crop views, centred and sharpened teacher targets.
 """
 
 from __future__ import annotations
@@ -42,11 +47,13 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cytopretrain.learning import augment
 from cytopretrain.learning.models import Backbone
+from cytopretrain.learning.optim import cosine_schedule
 
 LossResult = tuple[Tensor, dict[str, float]]  # scalar loss, metrics
 
@@ -120,8 +127,17 @@ class PretextMethod(nn.Module):
         """Scalar training loss of a batch and its metrics (floats, always including "loss")."""
         raise NotImplementedError
 
+    def before_optimizer_step(self, step: int, total_steps: int) -> None:
+        """Hook called between the backward pass and optimizer step ``step`` (1..total), with
+        the gradients unscaled; a no-op except for DINO (clipping, frozen last layer)."""
+
     def after_optimizer_step(self, step: int, total_steps: int) -> None:
-        """Hook called after each optimizer step; a no-op except for BYOL."""
+        """Hook called after each optimizer step; a no-op except for BYOL and DINO (EMA)."""
+
+    def evaluation_backbone(self) -> Backbone:
+        """The backbone whose features are the run's result (saved as backbone.pt, monitored):
+        the trained backbone, or DINO's teacher, which DINO evaluates."""
+        return self.backbone
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The parameters the optimizer updates (all with requires_grad)."""
@@ -226,11 +242,16 @@ class BYOL(PretextMethod):
     of two views of each image (both views go through each network in one batch).
 
     EMA: after each optimizer step target = tau * target + (1 - tau) * online, parameter by
-    parameter. The seed states a fixed rate 0.99 and no schedule, hence the default
-    ``ema_schedule="constant"``; "cosine" is the BYOL paper's tau = 1 - (1 - ema_base)
-    (cos(pi step / total_steps) + 1) / 2, rising to 1 at the end. Target BatchNorm running
+    parameter. ``ema_schedule="cosine"`` (the default) is the BYOL paper's tau = 1 - (1 -
+    ema_base) (cos(pi step / total_steps) + 1) / 2, rising to 1 at the end; "constant" keeps
+    ``ema_base`` throughout, as the seed states (a fixed 0.99): with it the target keeps
+    chasing the online network and, in issue 19's measurement on real cells, the loss rose
+    again after step 400 and the features ended below random init. Target BatchNorm running
     statistics are not averaged: the target runs in training mode (batch statistics), as
-    BYOL does, and its running statistics follow its own forward passes.
+    BYOL does, and its running statistics follow its own forward passes. The rest of the
+    published recipe is the run's: LARS (``optimizer: lars``) or AdamW with ``lr_scaling:
+    linear`` and warm-up, no weight decay on biases and norms (learning.train); README,
+    "Choosing a method", has the settings measured on real cells.
 
     Views (seed: ColorJitter, RandomGrayscale, horizontal flip, Gaussian blur, solarization,
     RandomResizedCrop; see augment.py for the fluorescence versions): random resized crop back
@@ -250,7 +271,7 @@ class BYOL(PretextMethod):
         projection_dim: int = 512,
         hidden_dim: int = 2048,
         ema_base: float = 0.99,
-        ema_schedule: str = "constant",
+        ema_schedule: str = "cosine",
         crop_scale: Sequence[float] = (0.2, 1.0),
         rotate: bool = True,
         intensity: float = 0.4,
@@ -280,25 +301,22 @@ class BYOL(PretextMethod):
 
     def _check_view_options(self) -> None:
         """Fail at construction, not at the first batch, on bad augmentation options."""
-        probe = torch.full((2, 1, 8, 8), 0.5)
-        generator = torch.Generator().manual_seed(0)
-        try:
-            augment.random_resized_crop(probe, 8, self.crop_scale, generator=generator)
-            augment.random_intensity(probe, generator, brightness=self.intensity, contrast=self.intensity)
-            augment.gaussian_blur(probe, generator, sigma=self.blur_sigma)
-            augment.gaussian_noise(probe, generator, std=self.noise_std)
-        except ValueError as error:
-            raise ValueError(f"byol view options (crop_scale, intensity, blur_sigma, noise_std): {error}") from error
+        scales = {"crop_scale": self.crop_scale}
+        _check_fluorescence_view_options("byol", scales, self.intensity, self.blur_sigma, self.noise_std)
 
     def view(self, images: Tensor, generator: torch.Generator, blur_p: float) -> Tensor:
         """One randomly augmented view of the batch, same shape as ``images``."""
-        x = augment.random_resized_crop(images, tuple(images.shape[2:]), self.crop_scale, generator=generator)
-        x = augment.random_flips(x, generator)
-        if self.rotate:
-            x = augment.random_rotation(x, generator)
-        x = augment.random_intensity(x, generator, brightness=self.intensity, contrast=self.intensity)
-        x = augment.gaussian_blur(x, generator, sigma=self.blur_sigma, p=blur_p)
-        return augment.gaussian_noise(x, generator, std=self.noise_std)
+        return fluorescence_view(
+            images,
+            generator,
+            size=tuple(images.shape[2:]),
+            scale=self.crop_scale,
+            rotate=self.rotate,
+            intensity=self.intensity,
+            blur_sigma=self.blur_sigma,
+            blur_p=blur_p,
+            noise_std=self.noise_std,
+        )
 
     def loss(self, images: Tensor, labels: Tensor | None, generator: torch.Generator) -> LossResult:
         _check_images(images, self.backbone)
@@ -317,19 +335,342 @@ class BYOL(PretextMethod):
 
     def tau(self, step: int, total_steps: int) -> float:
         """EMA rate after optimizer step ``step`` of ``total_steps``."""
-        if total_steps < 1 or not 0 <= step <= total_steps:
-            raise ValueError(f"need 0 <= step <= total_steps and total_steps >= 1, got {step} of {total_steps}")
-        if self.ema_schedule == "constant":
-            return self.ema_base
-        return 1 - (1 - self.ema_base) * (math.cos(math.pi * step / total_steps) + 1) / 2
+        rate = cosine_schedule(self.ema_base, 1.0, step, total_steps)  # also checks the step
+        return self.ema_base if self.ema_schedule == "constant" else rate
 
     @torch.no_grad()
     def after_optimizer_step(self, step: int, total_steps: int) -> None:
         self.ema_tau = self.tau(step, total_steps)
-        pairs = ((self.target_backbone, self.backbone), (self.target_projector, self.projector))
-        for target_net, online_net in pairs:
-            for target, online in zip(target_net.parameters(), online_net.parameters(), strict=True):
-                target.mul_(self.ema_tau).add_(online.detach(), alpha=1 - self.ema_tau)
+        ema_update((self.target_backbone, self.target_projector), (self.backbone, self.projector), self.ema_tau)
+
+
+def ema_update(targets: Sequence[nn.Module], onlines: Sequence[nn.Module], rate: float) -> None:
+    """target = rate * target + (1 - rate) * online, parameter by parameter (buffers untouched)."""
+    for target_net, online_net in zip(targets, onlines, strict=True):
+        for target, online in zip(target_net.parameters(), online_net.parameters(), strict=True):
+            target.mul_(rate).add_(online.detach(), alpha=1 - rate)
+
+
+def fluorescence_view(
+    images: Tensor,
+    generator: torch.Generator,
+    *,
+    size: int | tuple[int, int],
+    scale: Sequence[float],
+    rotate: bool,
+    intensity: float,
+    blur_sigma: Sequence[float],
+    blur_p: float,
+    noise_std: Sequence[float],
+) -> Tensor:
+    """One augmented view per image, the fluorescence version of BYOL's and DINO's views
+    (augment.py): random resized crop to ``size`` (area fraction in ``scale``), flips,
+    any-angle rotation (``rotate``), per-channel intensity jitter with probability 0.8,
+    Gaussian blur with probability ``blur_p``, Gaussian noise."""
+    x = augment.random_resized_crop(images, size, scale, generator=generator)
+    x = augment.random_flips(x, generator)
+    if rotate:
+        x = augment.random_rotation(x, generator)
+    x = augment.random_intensity(x, generator, brightness=intensity, contrast=intensity)
+    x = augment.gaussian_blur(x, generator, sigma=blur_sigma, p=blur_p)
+    return augment.gaussian_noise(x, generator, std=noise_std)
+
+
+def _check_fluorescence_view_options(
+    method: str, scales: dict[str, Sequence[float]], intensity: float, blur_sigma: Sequence[float], noise_std
+) -> None:
+    """Fail at construction, not at the first batch, on bad view options (``scales``: option
+    name -> crop scale range)."""
+    probe = torch.full((2, 1, 8, 8), 0.5)
+    generator = torch.Generator().manual_seed(0)
+    try:
+        for scale in scales.values():
+            augment.random_resized_crop(probe, 8, scale, generator=generator)
+        augment.random_intensity(probe, generator, brightness=intensity, contrast=intensity)
+        augment.gaussian_blur(probe, generator, sigma=blur_sigma)
+        augment.gaussian_noise(probe, generator, std=noise_std)
+    except ValueError as error:
+        names = ", ".join([*scales, "intensity", "blur_sigma", "noise_std"])
+        raise ValueError(f"{method} view options ({names}): {error}") from error
+
+
+class WeightNormLinear(nn.Module):
+    """Linear layer without bias whose weight is g * v / ||v|| per output row (weight
+    normalization, Salimans & Kingma 2016), parameters ``weight_g`` (out, 1) and ``weight_v``
+    (out, in) as torch's old ``weight_norm`` names them in DINO's checkpoints. ``g`` starts at
+    1; with ``fixed_norm`` it stays there (DINO's ``norm_last_layer``), so every prototype is a
+    unit vector and the logits are cosine similarities."""
+
+    def __init__(self, in_dim: int, out_dim: int, *, fixed_norm: bool = True) -> None:
+        super().__init__()
+        self.weight_v = nn.Parameter(nn.Linear(in_dim, out_dim, bias=False).weight.detach().clone())
+        self.weight_g = nn.Parameter(torch.ones(out_dim, 1), requires_grad=not fixed_norm)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight_g * self.weight_v / self.weight_v.norm(dim=1, keepdim=True))
+
+
+class DINOHead(nn.Module):
+    """DINO's projection head: Linear(D, hidden) - GELU - Linear(hidden, hidden) - GELU -
+    Linear(hidden, bottleneck), L2-normalised, then a weight-normalised Linear(bottleneck,
+    out_dim) without bias (the prototypes). MLP weights truncated-normal (std 0.02), biases 0."""
+
+    def __init__(self, in_dim: int, out_dim: int, hidden_dim: int, bottleneck_dim: int, norm_last_layer: bool) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(in_dim, hidden_dim),
+            nn.GELU(),
+            nn.Linear(hidden_dim, hidden_dim),
+            nn.GELU(),
+            nn.Linear(hidden_dim, bottleneck_dim),
+        )
+        for layer in self.mlp:
+            if isinstance(layer, nn.Linear):
+                nn.init.trunc_normal_(layer.weight, std=0.02)
+                nn.init.zeros_(layer.bias)
+        self.last_layer = WeightNormLinear(bottleneck_dim, out_dim, fixed_norm=norm_last_layer)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.last_layer(F.normalize(self.mlp(x), dim=-1))
+
+
+def dino_loss(
+    student_logits: Tensor, teacher_logits: Tensor, center: Tensor, student_temp: float, teacher_temp: float, crops: int
+) -> Tensor:
+    """DINO's loss (Caron et al. 2021, algorithm 1) of a batch of B images.
+
+    ``student_logits``: (crops x B, K), the crops of the batch one after the other (the two
+    global crops first); ``teacher_logits``: (2 x B, K) of the two global crops. The teacher's
+    distribution is softmax((t - center) / teacher_temp), the student's log-softmax(s /
+    student_temp); the loss is the cross-entropy -sum_k q log p averaged over the batch, summed
+    over every (teacher crop, student crop) pair of different crops and divided by the number
+    of pairs (2 x crops - 2).
+    """
+    student = F.log_softmax(student_logits.float() / student_temp, dim=-1).chunk(crops)
+    teacher = F.softmax((teacher_logits.float() - center) / teacher_temp, dim=-1).detach().chunk(2)
+    total, pairs = student_logits.new_zeros((), dtype=torch.float32), 0
+    for t_index, q in enumerate(teacher):
+        for s_index, log_p in enumerate(student):
+            if s_index != t_index:
+                total = total + (-q * log_p).sum(dim=-1).mean()
+                pairs += 1
+    return total / pairs
+
+
+class DINO(PretextMethod):
+    """Self-distillation with no labels (DINO, Caron et al. 2021), for ViTs and CNNs alike.
+
+    Student: backbone + DINOHead (``out_dim`` prototypes, ``hidden_dim``, ``bottleneck_dim``,
+    ``norm_last_layer``); teacher: EMA copy of both, no gradient, evaluated as the run's
+    backbone (``evaluation_backbone``). Each image gives 2 global crops (side ``global_size``,
+    area fraction ``global_crop_scale``) and ``local_crops`` local crops (``local_size``,
+    ``local_crop_scale``); the student sees all crops (one backbone pass per crop size), the
+    teacher the two global ones; loss :func:`dino_loss`. Defaults are DINO's (main_dino.py):
+
+    - crops: global (0.4, 1.0), 8 local crops (0.05, 0.4); ``global_size`` None = the input
+      size, ``local_size`` None = 3/7 of it (DINO's 96 of 224 px) rounded to a multiple of the
+      backbone's patch, at least its ``min_input_size``;
+    - views: the fluorescence augmentations (``fluorescence_view``: crop, flips, any-angle
+      rotation ``rotate``, per-channel intensity ``intensity``, blur with DINO's probabilities
+      1.0 / 0.1 on the global crops and 0.5 on the local ones, noise ``noise_std``); no colour
+      jitter, grey conversion or solarization, which mean nothing on fluorescence channels;
+    - temperatures: student 0.1; teacher ``teacher_temp`` 0.04, reached linearly from
+      ``warmup_teacher_temp`` over the first ``teacher_temp_warmup`` fraction of the steps
+      (DINO's ViT-S/16 recipe: 0.04 -> 0.07 over 30 of 100 epochs, i.e. 0.3);
+    - centring: ``center`` <- ``center_momentum`` (0.9) center + (1 - it) mean of the teacher's
+      logits over the global batch (all-reduced over data-parallel ranks), updated in training
+      mode only (validation leaves it alone);
+    - teacher momentum: cosine from ``teacher_momentum`` (0.996) to 1 over the run;
+    - gradients: each student parameter's gradient clipped to norm ``clip_grad`` (3.0; 0 = off;
+      DINO clips per parameter), and the last layer's gradients dropped during the first
+      ``freeze_last_layer`` fraction of the steps (DINO: 1 of 100 epochs, 0.01), which keeps
+      the prototypes from moving while the rest is still random.
+
+    Learning rate, its linear scaling with the batch, warm-up and the weight-decay schedule
+    (0.04 -> 0.4) are run settings (config/experiments/dino_vit.yaml). Schedules read the
+    buffers ``steps_done`` / ``total_steps``, kept in the state dict with ``center``, so a
+    resumed run continues exactly. Metrics: loss, teacher_temp, teacher_momentum (rate of the
+    last EMA update), teacher_entropy (mean entropy of the teacher's distribution: log(out_dim)
+    when uniform, 0 when one prototype takes everything; both are collapses).
+    """
+
+    name = "dino"
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        *,
+        out_dim: int = 65536,
+        hidden_dim: int = 2048,
+        bottleneck_dim: int = 256,
+        norm_last_layer: bool = True,
+        global_crop_scale: Sequence[float] = (0.4, 1.0),
+        local_crop_scale: Sequence[float] = (0.05, 0.4),
+        local_crops: int = 8,
+        global_size: int | None = None,
+        local_size: int | None = None,
+        student_temp: float = 0.1,
+        teacher_temp: float = 0.04,
+        warmup_teacher_temp: float = 0.04,
+        teacher_temp_warmup: float = 0.0,
+        center_momentum: float = 0.9,
+        teacher_momentum: float = 0.996,
+        clip_grad: float = 3.0,
+        freeze_last_layer: float = 0.01,
+        rotate: bool = True,
+        intensity: float = 0.4,
+        blur_sigma: Sequence[float] = (0.1, 2.0),
+        noise_std: Sequence[float] = (0.0, 0.03),
+    ) -> None:
+        super().__init__(backbone)
+        for option, value in (("student_temp", student_temp), ("teacher_temp", teacher_temp)):
+            if not value > 0:
+                raise ValueError(f"option {option} must be > 0, got {value!r}")
+        if not warmup_teacher_temp > 0:
+            raise ValueError(f"option warmup_teacher_temp must be > 0, got {warmup_teacher_temp!r}")
+        for option, value in (
+            ("teacher_temp_warmup", teacher_temp_warmup),
+            ("freeze_last_layer", freeze_last_layer),
+            ("center_momentum", center_momentum),
+        ):
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"option {option} must be in [0, 1], got {value!r}")
+        if not 0.0 <= teacher_momentum < 1.0:
+            raise ValueError(f"option teacher_momentum must be in [0, 1), got {teacher_momentum!r}")
+        if not clip_grad >= 0:
+            raise ValueError(f"option clip_grad must be >= 0 (0 = off), got {clip_grad!r}")
+        if isinstance(local_crops, bool) or not isinstance(local_crops, int) or local_crops < 0:
+            raise ValueError(f"option local_crops must be an integer >= 0, got {local_crops!r}")
+        self.global_crop_scale = _pair("global_crop_scale", global_crop_scale)
+        self.local_crop_scale = _pair("local_crop_scale", local_crop_scale)
+        self.rotate, self.intensity = bool(rotate), float(intensity)
+        self.blur_sigma, self.noise_std = _pair("blur_sigma", blur_sigma), _pair("noise_std", noise_std)
+        scales = {"global_crop_scale": self.global_crop_scale, "local_crop_scale": self.local_crop_scale}
+        _check_fluorescence_view_options("dino", scales, self.intensity, self.blur_sigma, self.noise_std)
+        self.local_crops = local_crops
+        self.global_size = None if global_size is None else self._crop_side("global_size", global_size)
+        self.local_size = None if local_size is None else self._crop_side("local_size", local_size)
+        self.student_temp, self.teacher_temp = float(student_temp), float(teacher_temp)
+        self.warmup_teacher_temp, self.teacher_temp_warmup = float(warmup_teacher_temp), float(teacher_temp_warmup)
+        self.center_momentum, self.teacher_momentum = float(center_momentum), float(teacher_momentum)
+        self.clip_grad, self.freeze_last_layer = float(clip_grad), float(freeze_last_layer)
+        self.head = DINOHead(
+            backbone.feature_dim,
+            _positive_int("out_dim", out_dim),
+            _positive_int("hidden_dim", hidden_dim),
+            _positive_int("bottleneck_dim", bottleneck_dim),
+            bool(norm_last_layer),
+        )
+        self.teacher_backbone = copy.deepcopy(backbone).requires_grad_(False)
+        self.teacher_head = copy.deepcopy(self.head).requires_grad_(False)
+        self.register_buffer("center", torch.zeros(1, out_dim))
+        self.register_buffer("steps_done", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("total_steps", torch.zeros((), dtype=torch.int64))
+
+    @property
+    def momentum(self) -> float:
+        """The teacher's EMA rate at the last update (``teacher_momentum`` before the first)."""
+        if int(self.total_steps) == 0:
+            return self.teacher_momentum
+        return cosine_schedule(self.teacher_momentum, 1.0, int(self.steps_done), int(self.total_steps))
+
+    def _crop_side(self, option: str, side: int) -> int:
+        multiple, smallest = self.backbone.input_multiple, self.backbone.min_input_size
+        if isinstance(side, bool) or not isinstance(side, int) or side < smallest or side % multiple:
+            raise ValueError(
+                f"option {option} must be an integer >= {smallest} and a multiple of {multiple} "
+                f"({self.backbone.name}), got {side!r}"
+            )
+        return side
+
+    def crop_sizes(self, height: int, width: int) -> tuple[int, int]:
+        """(global, local) crop sides for H x W inputs (see the class docstring)."""
+        global_size = self.global_size or min(height, width)
+        if self.local_size is not None:
+            return global_size, self.local_size
+        multiple = self.backbone.input_multiple
+        local = max(self.backbone.min_input_size, multiple * round(global_size * 3 / 7 / multiple))
+        return global_size, local
+
+    def teacher_temperature(self, step: int, total_steps: int) -> float:
+        """Teacher temperature at the 0-based step ``step``: linear warm-up, then constant."""
+        warmup = self.teacher_temp_warmup * total_steps
+        if warmup <= 0 or step >= warmup:
+            return self.teacher_temp
+        return self.warmup_teacher_temp + (self.teacher_temp - self.warmup_teacher_temp) * step / warmup
+
+    def views(self, images: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor | None]:
+        """(2B global crops, global crop 1 of every image first; N B local crops or None)."""
+        global_size, local_size = self.crop_sizes(*images.shape[2:])
+        options = {
+            "rotate": self.rotate,
+            "intensity": self.intensity,
+            "blur_sigma": self.blur_sigma,
+            "noise_std": self.noise_std,
+        }
+        globals_ = [
+            fluorescence_view(
+                images, generator, size=global_size, scale=self.global_crop_scale, blur_p=blur_p, **options
+            )
+            for blur_p in (1.0, 0.1)
+        ]
+        locals_ = [
+            fluorescence_view(images, generator, size=local_size, scale=self.local_crop_scale, blur_p=0.5, **options)
+            for _ in range(self.local_crops)
+        ]
+        return _like(torch.cat(globals_), images), _like(torch.cat(locals_), images) if locals_ else None
+
+    def loss(self, images: Tensor, labels: Tensor | None, generator: torch.Generator) -> LossResult:
+        _check_images(images, self.backbone)
+        global_views, local_views = self.views(images, generator)
+        features = self.backbone(global_views)
+        if local_views is not None:
+            features = torch.cat([features, self.backbone(local_views)])
+        student = self.head(features)
+        with torch.no_grad():
+            teacher = self.teacher_head(self.teacher_backbone(global_views)).float()
+        temperature = self.teacher_temperature(int(self.steps_done), int(self.total_steps))
+        loss = dino_loss(student, teacher, self.center, self.student_temp, temperature, 2 + self.local_crops)
+        probabilities = F.softmax((teacher - self.center) / temperature, dim=-1)
+        entropy = -(probabilities * probabilities.clamp_min(1e-30).log()).sum(dim=-1).mean()
+        if self.training:
+            self.update_center(teacher)
+        return loss, {
+            "loss": loss.item(),
+            "teacher_temp": temperature,
+            "teacher_momentum": self.momentum,
+            "teacher_entropy": entropy.item(),
+        }
+
+    @torch.no_grad()
+    def update_center(self, teacher_logits: Tensor) -> None:
+        """center <- m center + (1 - m) mean teacher logit over the global batch of all ranks."""
+        total = teacher_logits.sum(dim=0, keepdim=True)
+        count = teacher_logits.shape[0]
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(total)
+            count *= dist.get_world_size()
+        self.center.mul_(self.center_momentum).add_(total / count, alpha=1 - self.center_momentum)
+
+    @torch.no_grad()
+    def before_optimizer_step(self, step: int, total_steps: int) -> None:
+        if self.clip_grad > 0:
+            for parameter in self.trainable_parameters():
+                if parameter.grad is not None:
+                    norm = parameter.grad.norm()
+                    parameter.grad.mul_(torch.clamp(self.clip_grad / (norm + 1e-6), max=1.0))
+        if step <= self.freeze_last_layer * total_steps:
+            for parameter in self.head.last_layer.parameters():
+                parameter.grad = None
+
+    @torch.no_grad()
+    def after_optimizer_step(self, step: int, total_steps: int) -> None:
+        self.steps_done.fill_(step)
+        self.total_steps.fill_(total_steps)
+        ema_update((self.teacher_backbone, self.teacher_head), (self.backbone, self.head), self.momentum)
+
+    def evaluation_backbone(self) -> Backbone:
+        return self.teacher_backbone
 
 
 # Neighbour positions relative to the centre patch: class index -> (rows, columns) in cells.
@@ -570,7 +911,7 @@ class Autoencoder(PretextMethod):
         return loss, {"loss": loss.item(), "mse": mse.item()}
 
 
-METHODS: dict[str, type[PretextMethod]] = {cls.name: cls for cls in (WeakLabel, BYOL, PatchLocation, Autoencoder)}
+METHODS: dict[str, type[PretextMethod]] = {cls.name: cls for cls in (WeakLabel, BYOL, PatchLocation, Autoencoder, DINO)}
 
 
 def method_options(name: str) -> tuple[str, ...]:

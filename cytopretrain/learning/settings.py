@@ -13,6 +13,7 @@ from typing import Any
 
 from cytopretrain.core.devices import PRECISIONS
 from cytopretrain.core.errors import SettingsError
+from cytopretrain.learning.models import POOLS
 
 REQUIRED = ("method", "backbone")
 DEFAULTS: dict[str, Any] = {
@@ -20,10 +21,13 @@ DEFAULTS: dict[str, Any] = {
     "image_size": 224,  # side of the square training images, px
     "batch_size": 64,  # images per step and rank (global batch = batch_size x ranks)
     "steps": 1000,  # total optimizer steps
-    "lr": 0.001,  # peak learning rate
+    "lr": 0.001,  # peak learning rate (per 256 images of global batch with lr_scaling "linear")
+    "lr_scaling": "none",  # none | linear: peak lr = lr x global batch / 256 (Goyal et al.; BYOL, DINO)
     "weights": None,  # local weights file for the backbone (None: random init)
+    "pool": None,  # ViT feature: cls | mean | cls+mean (learning.models.POOLS); None: the backbone's own
     "weight_decay": 0.0,  # on weights of dimension >= 2 only (not biases, norm scales)
-    "optimizer": "adam",  # adam | adamw | sgd (momentum 0.9, Nesterov)
+    "weight_decay_end": None,  # cosine schedule from weight_decay to this value (DINO); None: constant
+    "optimizer": "adam",  # adam | adamw | sgd (momentum 0.9, Nesterov) | lars (learning.train.LARS)
     "warmup_steps": 0,  # linear warmup from lr / warmup_steps to lr
     "schedule": "cosine",  # cosine decay after warmup (to 0 at ``steps``)
     "checkpoint_every": 500,  # steps between checkpoints (one is also written at the end)
@@ -38,7 +42,8 @@ DEFAULTS: dict[str, Any] = {
 }
 # Settings that change neither the weights nor the data order: free to change on resume.
 RESUME_NEUTRAL = ("log_every", "checkpoint_every", "validate_every", "progress", "num_workers")
-OPTIMIZERS = ("adam", "adamw", "sgd")
+OPTIMIZERS = ("adam", "adamw", "sgd", "lars")
+LR_SCALINGS = ("none", "linear")
 
 
 def check_settings(settings: dict) -> dict:
@@ -74,6 +79,10 @@ def check_settings(settings: dict) -> dict:
         _require(full, key, _is_int(full[key]) and full[key] >= 0, "an integer >= 0")
     _require(full, "lr", _is_number(full["lr"]) and full["lr"] > 0, "a number > 0")
     _require(full, "weight_decay", _is_number(full["weight_decay"]) and full["weight_decay"] >= 0, "a number >= 0")
+    end = full["weight_decay_end"]
+    _require(full, "weight_decay_end", end is None or (_is_number(end) and end >= 0), "null or a number >= 0")
+    _require(full, "lr_scaling", full["lr_scaling"] in LR_SCALINGS, f"one of {LR_SCALINGS}")
+    _require(full, "pool", full["pool"] in POOLS, f"one of {POOLS}")
     _require(full, "optimizer", full["optimizer"] in OPTIMIZERS, f"one of {OPTIMIZERS}")
     _require(full, "schedule", full["schedule"] == "cosine", "'cosine'")
     _require(full, "precision", full["precision"] in PRECISIONS, f"one of {PRECISIONS}")

@@ -5,14 +5,27 @@ build_backbone(...))`` on the train split of a shard folder (``cytopretrain.lear
 ``settings["steps"]`` optimizer steps and writes into ``out_dir``::
 
     checkpoints/step-NNNNNNN.pt   the last two checkpoints (see below)
+    checkpoints/best-NNNNNNN.pt   the evaluated backbone at the best validation so far
     metrics.jsonl                 one JSON object per logged step
-    backbone.pt                   backbone state dict (torch.load(..., weights_only=True))
+    backbone.pt                   the evaluated backbone's state dict (torch.load(..., weights_only=True))
+    best_backbone.pt              the same at the best step (see "Monitors")
     method.pt                     whole method state dict (heads, BYOL target, ...)
     model_card.json               what was trained on what, with which settings and result
 
 Settings: ``learning.settings`` (DEFAULTS, with a comment per key; ``method`` and ``backbone``
 are required). The autoencoder's ``image_size`` option defaults to the training image_size;
-validation also runs at the last step, and only if a validation split exists.
+validation also runs at the last step, and only if a validation split exists. The evaluated
+backbone is ``PretextMethod.evaluation_backbone()``: DINO's teacher, the backbone otherwise.
+
+Optimizer: the weights of dimension >= 2 form the group with weight decay (``apply_decay``),
+biases and normalisation parameters the group without (as BYOL and DINO exclude them); with
+``lars`` the second group also skips the trust ratio (``learning.optim.LARS``). The peak
+learning rate is ``lr``, or ``lr`` x global batch / 256 with ``lr_scaling: linear``; it warms
+up linearly over ``warmup_steps`` and then follows a cosine to 0. With ``weight_decay_end`` the
+weight decay follows a cosine from ``weight_decay`` to it (``learning.optim.cosine_schedule``
+of the 0-based step). After the backward pass (and the loss scaler's unscaling) the loop calls
+``method.before_optimizer_step`` (DINO's gradient clipping and frozen last layer), after the
+optimizer step ``method.after_optimizer_step`` (EMA networks).
 
 Devices and precision follow ``core.devices`` (one rule for training and extraction): auto is
 bf16 autocast on a GPU that supports it, float16 with a GradScaler on an older GPU, fp32 on the
@@ -24,6 +37,17 @@ split): the method's loss and metrics in eval mode over every validation sample,
 crops of epoch 0 and a freshly seeded augmentation generator each time, so values are
 comparable between steps; logged as ``val_<metric>``. It saves and restores every random
 state, so validating (or not) never changes the training run.
+
+Monitors (``learning.monitors``): each validation also logs ``val_embedding_std`` (collapse)
+and ``val_knn_accuracy`` (leave-one-out kNN of the evaluated backbone's features against the
+validation split's weak labels, only watched). The step with the highest kNN accuracy is the
+best: its evaluated backbone is written to ``checkpoints/best-<step>.pt`` and, at the end, to
+``best_backbone.pt``; without a validation split or with a single weak label there is no
+monitor and ``best_backbone.pt`` is the last backbone (the model card's ``best`` says which and
+why). A collapsing embedding or a validation loss that rose at several validations in a row
+is logged as a warning (logger ``cytopretrain.learning.train``), returned in ``warnings`` and
+kept in the model card. Checkpoints hold the monitors' state, and a resumed run deletes best
+files its checkpoint does not name, so it ends with the best of the uninterrupted run.
 
 Checkpoints hold the whole method state dict, optimizer, scheduler (and GradScaler), step,
 epoch, batches done in the epoch, the random states of every rank (torch CPU and CUDA,
@@ -70,6 +94,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import sys
@@ -83,17 +108,21 @@ from torch import nn
 from tqdm import tqdm
 
 from cytopretrain.core.devices import autocast_dtype, resolve_device
+from cytopretrain.core.errors import SettingsError
 from cytopretrain.core.tables import atomic_path, file_sha256
 from cytopretrain.curation.shards import load_index, load_labels
 from cytopretrain.learning import augment, data
 from cytopretrain.learning.checkpoints import (
     CHECKPOINT_FORMAT,
+    backbone_file,
+    best_path,
     capture_rng,
     check_resumable,
     checkpoint_path,
     derive_seed,
     list_checkpoints,
     load_newest_checkpoint,
+    prune_best,
     read_metrics,
     restore_rng,
     seed_everything,
@@ -102,8 +131,26 @@ from cytopretrain.learning.checkpoints import (
 )
 from cytopretrain.learning.distributed import convert_batchnorm
 from cytopretrain.learning.models import build_backbone, save_backbone
+from cytopretrain.learning.monitors import MONITOR, Monitors, embedding_std, knn_accuracy
+from cytopretrain.learning.optim import LARS, cosine_schedule
 from cytopretrain.learning.pretext import PretextMethod, build_method, method_options
 from cytopretrain.learning.settings import check_settings, config_hash, trajectory_hash
+
+log = logging.getLogger(__name__)
+
+
+def peak_lr(settings: dict, world_size: int = 1) -> float:
+    """The peak learning rate: ``lr``, times global batch / 256 with ``lr_scaling: linear``."""
+    if settings["lr_scaling"] == "linear":
+        return settings["lr"] * settings["batch_size"] * world_size / 256
+    return settings["lr"]
+
+
+def weight_decay_at(settings: dict, step: int) -> float:
+    """Weight decay of the 0-based optimizer step ``step`` (constant without ``weight_decay_end``)."""
+    if settings["weight_decay_end"] is None:
+        return settings["weight_decay"]
+    return cosine_schedule(settings["weight_decay"], settings["weight_decay_end"], step, settings["steps"])
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
@@ -185,26 +232,35 @@ class _LossModule(nn.Module):
 
 
 def build_model(settings: dict, n_classes: int) -> PretextMethod:
-    backbone = build_backbone(settings["backbone"], in_channels=settings["in_channels"], weights=settings["weights"])
+    backbone = build_backbone(
+        settings["backbone"], in_channels=settings["in_channels"], weights=settings["weights"], pool=settings["pool"]
+    )
+    if settings["image_size"] % backbone.input_multiple:
+        raise SettingsError(
+            f"training settings: image_size {settings['image_size']} is not a multiple of {backbone.name}'s "
+            f"patch size {backbone.input_multiple}"
+        )
     options = dict(settings["method_options"])
     if "image_size" in method_options(settings["method"]):
         options.setdefault("image_size", settings["image_size"])  # the autoencoder's decoder size
     return build_method(settings["method"], backbone, n_classes=n_classes, **options)
 
 
-def build_optimizer(method: PretextMethod, settings: dict) -> torch.optim.Optimizer:
-    """Optimizer over the trainable parameters; weight decay on weights of dimension >= 2."""
+def build_optimizer(method: PretextMethod, settings: dict, world_size: int = 1) -> torch.optim.Optimizer:
+    """Optimizer over the trainable parameters (module docstring, "Optimizer")."""
     params = method.trainable_parameters()
     groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": settings["weight_decay"]},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": settings["weight_decay"], "apply_decay": True},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, "apply_decay": False},
     ]
     groups = [g for g in groups if g["params"]]
-    lr = settings["lr"]
+    lr = peak_lr(settings, world_size)
     if settings["optimizer"] == "adam":
         return torch.optim.Adam(groups, lr=lr)
     if settings["optimizer"] == "adamw":
         return torch.optim.AdamW(groups, lr=lr)
+    if settings["optimizer"] == "lars":
+        return LARS(groups, lr=lr)
     return torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True)
 
 
@@ -282,7 +338,7 @@ class Trainer:
         self.method = self.method.to(runtime.device)
         if runtime.channels_last:
             self.method = self.method.to(memory_format=torch.channels_last)
-        self.optimizer = build_optimizer(self.method, settings)
+        self.optimizer = build_optimizer(self.method, settings, runtime.world_size)
         self.scheduler = build_scheduler(self.optimizer, settings)
         self.scaler = torch.amp.GradScaler("cuda") if runtime.amp_dtype == torch.float16 else None
         self.step_module: nn.Module = _LossModule(self.method)
@@ -295,6 +351,7 @@ class Trainer:
         self.generator.manual_seed(derive_seed(settings["seed"], "augment", 0))
         self.progress = Progress()
         self.interval = Interval()
+        self.monitors = Monitors()
         self.last_record: dict = {}
 
     # ---------------------------------------------------------------- state
@@ -323,6 +380,7 @@ class Trainer:
             "index_sha256": self.index_sha256,
             "world_size": self.runtime.world_size,
             "wall_time": self.progress.wall_time,
+            "monitors": self.monitors.state(),
         }
 
     def load(self, state: dict) -> None:
@@ -338,11 +396,21 @@ class Trainer:
         restore_rng(state["rng"][self.runtime.rank], self.generator)
         self.interval = Interval(dict(state["interval"]["sums"]), state["interval"]["steps"])
         self.progress = Progress(state["step"], state["epoch"], state["position"], state["wall_time"])
+        self.monitors = Monitors.from_state(state.get("monitors"))
+        if self.runtime.is_main:  # best files of steps after the checkpoint belong to the lost part
+            prune_best(self.out_dir, self.monitors.best_step)
 
     def save_checkpoint(self) -> None:
         state = self.state()  # collective under DDP: every rank takes part
         if self.runtime.is_main:
             write_checkpoint(self.out_dir, state)
+            prune_best(self.out_dir, self.monitors.best_step)
+
+    def write_best(self) -> None:
+        """The evaluated backbone of this step as the best so far (written before the step's
+        checkpoint names it; older best files go when that checkpoint is written)."""
+        if self.runtime.is_main:
+            save_backbone(self.method.evaluation_backbone(), best_path(self.out_dir, self.progress.step))
 
     # ---------------------------------------------------------------- steps
 
@@ -381,39 +449,67 @@ class Trainer:
             raise FloatingPointError(f"non-finite loss {metrics['loss']} at step {self.progress.step + 1}")
         if self.scaler:
             self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)  # the method's clipping needs the true gradients
+            self._before_optimizer_step()
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
             loss.backward()
+            self._before_optimizer_step()
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.method.after_optimizer_step(self.progress.step + 1, self.settings["steps"])
         return metrics
 
+    def _before_optimizer_step(self) -> None:
+        decay = weight_decay_at(self.settings, self.progress.step)
+        for group in self.optimizer.param_groups:
+            if group["apply_decay"]:
+                group["weight_decay"] = decay
+        self.method.before_optimizer_step(self.progress.step + 1, self.settings["steps"])
+
     def validate(self) -> dict[str, float]:
-        """Mean loss and metrics over the validation split, in eval mode; random states are
-        restored afterwards, so validating never changes the training run."""
+        """Mean loss and metrics over the validation split, in eval mode, and the monitors
+        (module docstring); random states are restored afterwards, so validating never changes
+        the training run."""
         saved = capture_rng(self.generator)
         generator = torch.Generator(device=self.runtime.device)
         generator.manual_seed(derive_seed(self.settings["seed"], "validate", self.runtime.rank))
         sums: dict[str, float] = {}
         count = 0
+        features, labels = [], []
+        backbone = self.method.evaluation_backbone()
         self.method.eval()
         stream_size = len(self.loader("validation", 0).dataset)
         batch_size = _batch_size_without_singletons(stream_size, self.settings["batch_size"])
         with torch.no_grad():
             for batch in self.loader("validation", 0, batch_size=batch_size):
-                images, labels = self._inputs(batch)
+                images, batch_labels = self._inputs(batch)
                 with self.runtime.autocast():
-                    _, metrics = self.method.loss(images, labels, generator)
+                    _, metrics = self.method.loss(images, batch_labels, generator)
+                    features.append(backbone(images).float().cpu())
+                labels.append(batch["label"])
                 for key, value in metrics.items():
                     sums[key] = sums.get(key, 0.0) + float(value) * len(images)
                 count += len(images)
         self.method.train()
         restore_rng(saved, self.generator)
         sums, count = sum_over_ranks(sums, count, self.runtime)
-        return {f"val_{key}": value / count for key, value in sums.items()}
+        record = {f"val_{key}": value / count for key, value in sums.items()}
+        return {**record, **self._monitor_values(torch.cat(features), torch.cat(labels))}
+
+    def _monitor_values(self, features: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+        """val_embedding_std and val_knn_accuracy over every rank's validation features."""
+        if self.runtime.world_size > 1:
+            every: list = [None] * self.runtime.world_size
+            dist.all_gather_object(every, (features, labels))
+            features, labels = torch.cat([f for f, _ in every]), torch.cat([y for _, y in every])
+        values = {"val_embedding_std": embedding_std(features)}
+        accuracy = knn_accuracy(features.numpy(), labels.numpy())
+        if accuracy is not None:
+            values[MONITOR] = accuracy
+        return values
 
     # ---------------------------------------------------------------- run
 
@@ -448,6 +544,7 @@ class Trainer:
                         bar.set_postfix(loss=f"{record['loss']:.4f}")
                     if self.has_validation and (step % self.settings["validate_every"] == 0 or step == total):
                         record.update(self.validate())
+                        self._watch(step, record)
                     if record:
                         self._log({"step": step, "epoch": epoch, **record})
                     if step % self.settings["checkpoint_every"] == 0 or step == stop_at:
@@ -456,6 +553,26 @@ class Trainer:
                         interval_start, interval_images = time.perf_counter(), 0
                     if step >= stop_at:
                         break
+
+    def _watch(self, step: int, record: dict) -> None:
+        """Feed a validation record to the monitors: best checkpoint, warnings."""
+        better, warnings = self.monitors.observe(step, record)
+        if better:
+            self.write_best()
+        if self.runtime.is_main:
+            for warning in warnings:
+                log.warning("%s", warning)
+
+    def best_summary(self) -> dict:
+        """The model card's ``best``: the monitored best step, or the last step and why."""
+        if self.monitors.best_step is not None:
+            return {"step": self.monitors.best_step, "monitor": MONITOR, "value": self.monitors.best_value}
+        reason = (
+            "no validation split"
+            if not self.has_validation
+            else "the validation split holds a single weak label: no kNN monitor"
+        )
+        return {"step": self.progress.step, "monitor": None, "value": None, "reason": reason}
 
     def _advance(self) -> None:
         self.progress.step += 1
@@ -469,7 +586,7 @@ class Trainer:
         means = self.interval.means(self.runtime)
         self.interval = Interval()
         s = self.settings
-        lr = s["lr"] * lr_factor(self.progress.step - 1, s["warmup_steps"], s["steps"])
+        lr = peak_lr(s, self.runtime.world_size) * lr_factor(self.progress.step - 1, s["warmup_steps"], s["steps"])
         return {"loss": means.pop("loss"), "lr": lr, "images_per_s": images_per_s, **means}
 
     def _log(self, record: dict) -> None:
@@ -485,9 +602,14 @@ class Trainer:
             name: self.out_dir / f"{name}.{suffix}"
             for name, suffix in (("backbone", "pt"), ("method", "pt"), ("model_card", "json"))
         }
+        paths["best_backbone"] = backbone_file(self.out_dir, "best")
         if not self.runtime.is_main:
             return {k: str(v) for k, v in paths.items()}
-        save_backbone(self.method.backbone, paths["backbone"])
+        save_backbone(self.method.evaluation_backbone(), paths["backbone"])
+        best_step = self.monitors.best_step
+        source = paths["backbone"] if best_step is None else best_path(self.out_dir, best_step)
+        with atomic_path(paths["best_backbone"]) as tmp:
+            tmp.write_bytes(source.read_bytes())
         state = {k: v.detach().cpu() for k, v in self.method.state_dict().items()}
         with atomic_path(paths["method"]) as tmp:
             torch.save(state, tmp)
@@ -513,6 +635,8 @@ class Trainer:
             "settings": s,
             "config_hash": config_hash(s),
             "final_metrics": self.final_metrics(),
+            "best": self.best_summary(),
+            "warnings": list(self.monitors.warnings),
             "steps": self.progress.step,
             "epochs": self.progress.step / self.epoch_batches,
             "wall_time_s": round(self.progress.wall_time, 3),
@@ -547,6 +671,7 @@ def _prepare_out_dir(out_dir: Path, resume: bool) -> None:
     if not resume:
         for _, path in list_checkpoints(out_dir):
             path.unlink()
+        prune_best(out_dir, None)
         (out_dir / "metrics.jsonl").unlink(missing_ok=True)
 
 
@@ -584,8 +709,9 @@ def train(
 ) -> dict:
     """Train (or resume training) a pretext method on the shards; see the module docstring.
 
-    Returns ``{"finished", "step", "epoch", "metrics"}`` plus, once all steps are done, the
-    artifact paths ``backbone``, ``method`` and ``model_card``. ``max_steps_this_run`` stops
+    Returns ``{"finished", "step", "epoch", "metrics", "best", "warnings"}`` plus, once all
+    steps are done, the artifact paths ``backbone``, ``best_backbone``, ``method`` and
+    ``model_card``. ``max_steps_this_run`` stops
     after that many steps (with a checkpoint), e.g. to fit a cluster time limit.
     """
     settings = check_settings(settings)
@@ -603,6 +729,8 @@ def train(
             trainer.load(state)
             if runtime.is_main:
                 truncate_metrics(out_dir / "metrics.jsonl", state["step"])
+        elif runtime.is_main:
+            prune_best(out_dir, None)  # a fresh start: best files of an unreadable run go too
         if trainer.progress.step < settings["steps"]:
             trainer.run(max_steps_this_run)
         finished = trainer.progress.step >= settings["steps"]
@@ -611,6 +739,8 @@ def train(
             "step": trainer.progress.step,
             "epoch": trainer.progress.epoch,
             "metrics": trainer.final_metrics() if finished else trainer.last_record,
+            "best": trainer.best_summary(),
+            "warnings": list(trainer.monitors.warnings),
         }
         if finished:
             result.update(trainer.write_artifacts())

@@ -13,10 +13,14 @@ from cytopretrain.report.inputs import _is_number
 
 TRAINING_TEXT = (
     "Each run trains a network on the crops with a pretext task (weak-label classification, "
-    "BYOL, patch location or an autoencoder). The loss should fall; the validation curve "
+    "BYOL, DINO, patch location or an autoencoder). The loss should fall; the validation curve "
     "(held-out images, computed now and then) shows whether the network generalizes rather than "
-    "memorizes. The learning rate follows a warm-up and cosine schedule; throughput is images "
-    "per second of training."
+    "memorizes. Two monitors watch every run on the validation images: the kNN accuracy of the "
+    "network's features against the weak labels (which the self-supervised methods never train on; "
+    "it should rise) and the embedding spread (the standard deviation of the normalised features; a "
+    "fall towards 0 means the features are collapsing onto one point). The best checkpoint is the one "
+    "with the highest kNN accuracy. The learning rate follows a warm-up and cosine schedule; "
+    "throughput is images per second of training."
 )
 
 
@@ -95,6 +99,14 @@ def _metrics_text(metrics: object) -> str:
     return ", ".join(f"{k} {v:.4g}" if _is_number(v) else f"{k} {v}" for k, v in metrics.items())
 
 
+def _best_text(best: object) -> str:
+    if not isinstance(best, dict):
+        return "—"
+    if best.get("monitor"):
+        return f"step {best['step']} ({best['monitor']} {best['value']:.4g})"
+    return f"the last step ({best.get('reason', 'no monitor')})"
+
+
 def card_facts(card: dict) -> pd.DataFrame:
     """The model card's key facts as (fact, value) rows."""
     data = card.get("data") if isinstance(card.get("data"), dict) else {}
@@ -116,6 +128,8 @@ def card_facts(card: dict) -> pd.DataFrame:
         ("training / validation crops", f"{data.get('n_train', '—')} / {data.get('n_validation', '—')}"),
         ("classes (weak labels)", data.get("n_classes", "—")),
         ("final metrics", _metrics_text(card.get("final_metrics"))),
+        ("best checkpoint", _best_text(card.get("best"))),
+        ("warnings", "; ".join(card.get("warnings") or []) or "none"),
         ("wall time", _duration(card.get("wall_time_s"))),
         (
             "device, precision, ranks",

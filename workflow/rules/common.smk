@@ -11,6 +11,7 @@ sys.path.insert(0, str(REPO_ROOT))
 from cytopretrain.core.config import random_baselines, validate_config
 from cytopretrain.curation.download import transport_problem
 from cytopretrain.curation.resources import load_resource, resource_from_config
+from cytopretrain.learning.checkpoints import backbone_file
 from cytopretrain.synthetic.layouts import LAYOUTS
 
 validate_config(config, REPO_ROOT / "workflow" / "schemas" / "config.schema.yaml")
@@ -132,8 +133,9 @@ def name_pattern(names):
 
 
 def run_settings(run):
-    """Training settings of one run: its config entry minus the scheduling keys."""
-    scheduling = ("threads", "gpus", "processes")
+    """Training settings of one run: its config entry minus the scheduling keys and the
+    choice of the evaluated checkpoint."""
+    scheduling = ("threads", "gpus", "processes", "checkpoint")
     return {key: value for key, value in RUNS[run].items() if key not in scheduling}
 
 
@@ -144,8 +146,9 @@ def model_spec(model):
         return {
             "backbone": spec["backbone"],
             "in_channels": spec["in_channels"],
-            "weights": f"results/train/{model}/backbone.pt",
+            "weights": str(backbone_file(f"results/train/{model}", spec["checkpoint"])),
             "input_norm": None,
+            "pool": spec["pool"],
         }
     if model in RANDOM_BASELINES:
         spec = RUNS[RANDOM_BASELINES[model]]
@@ -155,6 +158,7 @@ def model_spec(model):
             "weights": None,
             "input_norm": None,
             "seed": spec["seed"],
+            "pool": spec["pool"],
         }
     spec = EXTERNAL_MODELS[model]
     return {
@@ -162,6 +166,7 @@ def model_spec(model):
         "in_channels": spec["in_channels"],
         "weights": spec["weights"],
         "input_norm": None if spec["input_norm"] == "none" else spec["input_norm"],
+        "pool": spec["pool"],
     }
 
 

@@ -4,6 +4,7 @@ rule train_pretext:
         labels="results/shards/labels.tsv",
     output:
         backbone="results/train/{run}/backbone.pt",
+        best_backbone="results/train/{run}/best_backbone.pt",
         method="results/train/{run}/method.pt",
         card=report(
             "results/train/{run}/model_card.json",
