@@ -48,6 +48,15 @@ def source_root(source):
     return f"results/download/{source}"
 
 
+def get_z_projections():
+    """Each source's z_projection option (how its TIFF stacks become one plane), when set."""
+    return {
+        name: spec["options"]["z_projection"]
+        for name, spec in SOURCES.items()
+        if spec["options"].get("z_projection")
+    }
+
+
 def get_download_input(wildcards):
     spec = SOURCES[wildcards.source]
     if "synthetic" in spec:
