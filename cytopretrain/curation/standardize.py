@@ -299,8 +299,8 @@ def standardize_chunk(
     present, must agree. ``z_projections`` maps a source ``name`` to its z_projection option
     (max, mean, pick:<index>), which reduces that source's TIFF stacks to one plane; images
     with a side under ``min_side`` pixels are ``too_small``. The output follows OUTPUT_SCHEMA,
-    written atomically one row group at a time. Returns the decision table (DECISION_COLUMNS): one row per input row, status
-    "kept" or "quarantined" with a machine-readable reason and a detail naming the file.
+    written atomically one row group at a time. Returns the decision table (DECISION_COLUMNS):
+    one row per input row, status "kept" or "quarantined" with a machine-readable reason and a detail naming the file.
     ``threads`` > 1 decodes and normalizes images in a thread pool (imagecodecs, zlib and most
     numpy kernels release the GIL); it only pays when the job owns idle cores and inputs are
     compressed (PNG, zlib TIFF) - for uncompressed TIFF the Python-side TIFF parsing holds
