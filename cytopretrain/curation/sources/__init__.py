@@ -100,7 +100,7 @@ def folder_problem(root: Path, key: str) -> str:
     """Why ``root`` is not a source folder (it does not exist, or is a file), naming config ``key``."""
     if root.exists():
         return f"config key '{key}': {root} is a file, not a folder; give the folder holding the source's files"
-    return f"config key '{key}': source folder not found: {root}"
+    return f"config key '{key}': {root} does not exist; give the folder holding the source's files"
 
 
 def option_key(source: str, key: str) -> str:
