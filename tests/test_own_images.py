@@ -100,3 +100,43 @@ def test_a_path_that_is_a_file_or_missing_names_its_config_key(tmp_path):
         assert result.returncode != 0
         assert f"config key 'sources.mine.path': {path}" in result.stdout + result.stderr
         assert problem in result.stdout + result.stderr
+
+
+@needs_data
+def test_a_pipe_in_a_gene_folder_gives_two_targeted_labels(tmp_path):
+    """A folder `aac1|aac3` with category gene used to become `aac1|aac3 targeted`, which the
+    label stage splits into `aac1` and `aac3 targeted`; each token now gets the suffix."""
+    from cytopretrain.curation.labels import assign_weak_labels
+    from cytopretrain.curation.sources import run_adapter
+
+    tree = own_tree(tmp_path / "own", per_protein=3)
+    first, second, third = (name.lower() + " targeted" for name in sorted(p.name for p in tree.iterdir()))
+    pair = tree / sorted(p.name for p in tree.iterdir())[0]
+    pair.rename(pair.with_name(f"{pair.name}|{sorted(p.name for p in tree.iterdir())[1]}"))
+    table = run_adapter("folder", tree, "mine", {"channels": ["gfp", "rfp"], "category": "gene"}).table
+    assert set(table["gene"]) == {f"{first}|{second}", second, third}
+    selection, report = assign_weak_labels(table, columns=("gene",), min_count=1, take_all_max=10, prelim_max=10)
+    assert dict(zip(report["token"], report["n_total"])) == {first: 3, second: 6, third: 3}
+
+
+@needs_data
+def test_classes_under_min_count_are_listed_with_their_outcome(tmp_path):
+    """Real cells, 3 classes of 12, 4 and 2 images; with min_count 5 the two rare classes used
+    to vanish without a word. They are listed (outcome below_min_count) and the images add up."""
+    from cytopretrain.curation.labels import BELOW_MIN_COUNT, assign_weak_labels, labels_below_min
+    from cytopretrain.curation.sources import run_adapter
+
+    tree = own_tree(tmp_path / "own", per_protein=12)
+    folders = sorted(tree.iterdir())
+    for folder, keep in zip(folders[1:], (4, 2)):
+        for extra in sorted(folder.glob("*_gfp.tif"))[keep:]:
+            extra.unlink()
+            extra.with_name(extra.name.replace("_gfp", "_rfp")).unlink()
+    table = run_adapter("folder", tree, "mine", {"channels": ["gfp", "rfp"], "category": "gene"}).table
+    selection, report = assign_weak_labels(table, columns=("gene",), min_count=5, take_all_max=20, prelim_max=20)
+    below = labels_below_min(table, columns=("gene",), min_count=5)
+    assert below["token"].tolist() == [f"{folders[1].name.lower()} targeted", f"{folders[2].name.lower()} targeted"]
+    assert below["n_total"].tolist() == [4, 2] and (below["outcome"] == BELOW_MIN_COUNT).all()
+    assert (below["n_selected"] == 0).all() and below["order"].isna().all()
+    assert list(below.columns) == list(report.columns)
+    assert len(selection) + below["n_total"].sum() == len(table) == 18

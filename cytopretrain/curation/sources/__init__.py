@@ -200,9 +200,17 @@ def apply_constants(frame: pd.DataFrame, constants: dict[str, Any]) -> pd.DataFr
 
 
 def targeted(genes: pd.Series) -> pd.Series:
-    """Gene values with CytoImageNet's " targeted" suffix (added once, empty values stay empty)."""
+    """Gene values with CytoImageNet's " targeted" suffix on each ``|``-separated label (added
+    once; empty values stay empty): ``a|b`` becomes ``a targeted|b targeted``, the two labels
+    curation.labels splits it into, not ``a`` and ``b targeted``."""
     genes = genes.astype("string").fillna("").str.strip()
-    needs = (genes != "") & ~genes.str.lower().str.endswith(" targeted")
+    several = genes.str.contains("|", regex=False)
+    if several.any():
+        tokens = genes[several].str.split("|").explode().str.strip()
+        tokens = targeted(tokens[tokens != ""]).astype("string")
+        genes = genes.copy()
+        genes[several] = tokens.groupby(level=0).agg("|".join).reindex(genes.index[several], fill_value="")
+    needs = (genes != "") & ~several & ~genes.str.lower().str.endswith(" targeted")
     return genes.where(~needs, genes + " targeted").astype(object)
 
 
