@@ -10,7 +10,8 @@ phenotype = the MOA of (compound, concentration), concentrations compared with a
 tolerance; treatments without an MOA annotation keep phenotype "" (the MOA table covers 103
 treatments plus DMSO). batch = the plate's ``WeekN`` prefix.
 
-Options: path_style (basename | full), constants.
+Options: path_style (basename | full), constants, z_projection (max | mean | pick:<index>: how
+TIFF stacks become one plane, see curation.sources).
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ Options:
     splits       split folders read (default train, test1..test4); a missing one is logged,
                  none found is an error
     extensions, constants
+    z_projection max | mean | pick:<index>: how TIFF stacks become one plane (curation.sources)
 phenotype = the localization (lowercase, "_" read as a space), split = the split folder.
 """
 

@@ -14,6 +14,7 @@ Options:
     gene_pattern   optional regex with a named group ``gene`` applied to the sample's file name;
                    the match fills ``gene`` (+ " targeted") besides the category label
     extensions, constants
+    z_projection max | mean | pick:<index>: how TIFF stacks become one plane (curation.sources)
 Labels are compared case-insensitively; stored labels are lowercase with "_" read as a space.
 """
 

@@ -15,6 +15,8 @@ Options (``sources.<name>.options``):
     organism, cell_type, database   fixed metadata ("", "", "local")
     constants      other fixed metadata {column: value}
     extensions     file extensions read (case-insensitive)
+    z_projection   max | mean | pick:<index>: how a TIFF stack (e.g. a confocal Z-stack per
+                   channel file) becomes one plane; unset, stacks are quarantined as ``stack``
 
 A sample missing some channels is set aside as ``incomplete_channels``. Files with an unknown
 channel suffix or another extension, and files outside ``<label folder>/``, are ignored and

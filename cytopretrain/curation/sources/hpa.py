@@ -16,7 +16,7 @@ Channels are ordered protein (green), nucleus (blue), microtubules (red), er (ye
 
 Options: layout, colors (default all four for kaggle, [green, blue, red] for cells),
 csv (kaggle, default train.csv), images (kaggle, default train), only_present, extensions,
-constants.
+constants, z_projection (max | mean | pick:<index>; how TIFF stacks become one plane, see curation.sources).
 """
 
 from __future__ import annotations

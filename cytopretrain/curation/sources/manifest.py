@@ -15,6 +15,8 @@ Options:
     microscopy       fluorescence (default) or brightfield, unless mapped in ``columns``
     database         default "local"
     constants        other fixed metadata {column: value}
+    z_projection     max | mean | pick:<index>: how a TIFF stack becomes one plane (a ZCYX
+                     path_column file keeps its channels); unset, stacks are ``stack``
 Relative file paths are relative to the manifest's folder. A row with an empty file cell is an
 issue (``missing_files`` or ``incomplete_channels``); the row number is the id.
 """
