@@ -79,7 +79,8 @@ _REFRESHED_LISTINGS = set()
 def get_source_listing(wildcards):
     """A path source's listing (cytopretrain.curation.listing): refreshed once per job graph
     the main process builds (also by -n), rewritten only when a file under the folder was
-    added, removed or rewritten, so that clean_metadata and what follows rerun exactly then."""
+    added, removed or rewritten, so that clean_metadata and what follows rerun exactly then.
+    """
     spec = SOURCES[wildcards.source]
     if "path" not in spec:
         return []
