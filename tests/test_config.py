@@ -261,6 +261,7 @@ FOLDER_OPTIONS += "microscopy, organism, z_projection"
         ),
     ],
 )
+@pytest.mark.slow  # two `snakemake -n` runs, about 15 s each
 def test_late_option_typos_fail_at_dry_run_naming_the_key(tmp_path, demo_config, mutate, message):
     """Adapter options and method_options were checked only when their job ran (after the
     download, after the whole curation): each typo now stops `snakemake -n`."""
