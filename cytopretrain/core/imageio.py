@@ -65,7 +65,6 @@ READ_REASONS = (
 # pages (Q, I) when the file holds one channel of an image.
 _STACK_AXES = "ZT"
 _PAGE_AXES = "QI"
-Z_PROJECTION_KINDS = ("max", "mean", "pick")
 
 
 @dataclass(frozen=True)
@@ -83,10 +82,10 @@ class ZProjection:
         if value is None:
             return None
         text = str(value).strip()
+        if text in ("max", "mean"):
+            return cls(text)
         kind, _, index = text.partition(":")
-        if kind in ("max", "mean") and not index and ":" not in text:
-            return cls(kind)
-        if kind == "pick" and index.isdigit():
+        if kind == "pick" and index.isascii() and index.isdigit():
             return cls(kind, int(index))
         raise ValueError(f"{value!r} is not max, mean or pick:<index> (0-based plane number)")
 
