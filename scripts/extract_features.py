@@ -32,6 +32,7 @@ failures = extract_features_to_parquet(
     precision=settings["precision"],
     input_norm=spec["input_norm"],
     num_workers=settings["num_workers"],
+    z_projection=snakemake.params.z_projection,
 )
 write_table(failures, snakemake.output.failures)
 log.info(

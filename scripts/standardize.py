@@ -13,6 +13,8 @@ decisions = standardize_chunk(
     low=snakemake.params.low,
     high=snakemake.params.high,
     mode=snakemake.params.mode,
+    z_projections=snakemake.params.z_projections,
+    min_side=snakemake.params.min_side,
     threads=snakemake.threads,
 )
 write_table(decisions, snakemake.output.decisions)

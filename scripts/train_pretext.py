@@ -16,7 +16,7 @@ shards_dir = Path(snakemake.input.index).parent
 processes = snakemake.params.processes
 stale = discard_stale_checkpoints(work_dir, settings, shards_dir, world_size=processes)
 if stale:
-    log.warning("starting %s over, its checkpoints do not fit this run: %s", snakemake.wildcards.run, stale)
+    log.warning("starting over: the checkpoints of %s do not fit this run: %s", snakemake.wildcards.run, stale)
 if processes > 1:  # torchrun: DistributedDataParallel over `processes` ranks on this node
     result = launch(
         settings,

@@ -28,7 +28,8 @@ def test_demo_config_is_valid_and_gets_defaults(demo_config):
 
 
 def test_minimal_config_gets_cytoimagenet_thresholds():
-    config = validate_config({"sources": {"mine": {"path": "/data/x", "adapter": "folder"}}})
+    folder = {"path": "/data/x", "adapter": "folder", "options": {"channels": ["dapi"], "category": "gene"}}
+    config = validate_config({"sources": {"mine": folder}})
     assert (config["labels"]["min_count"], config["labels"]["take_all_max"], config["labels"]["prelim_max"]) == (
         287,
         1000,
@@ -137,6 +138,7 @@ def library_defaults() -> dict[str, object]:
                 "standardize.high_percentile": "high",
                 "standardize.channels": "mode",
                 "standardize.threads": "threads",
+                "standardize.min_side": "min_side",
             },
         ),
         **of(
@@ -231,3 +233,90 @@ def test_schema_defaults_are_the_library_defaults():
             continue
         assert key in schema, f"library default {key} = {value!r} is not in the schema"
         assert plain(schema[key]) == plain(value), f"{key}: schema {schema[key]!r}, library {value!r}"
+
+
+def own_folder_config(demo_config: dict) -> dict:
+    """The demo plus a `folder` source on real yeast cells, as a user adds their own images."""
+    from cell_images import YEAST
+
+    demo_config["sources"]["mine"] = {
+        "path": str(YEAST),
+        "adapter": "folder",
+        "options": {"channels": ["gfp", "rfp"], "category": "gene", "label_pattern": "^(?P<label>.+)$"},
+    }
+    return demo_config
+
+
+FOLDER_OPTIONS = "category, cell_type, channel_names, channels, constants, database, extensions, label_pattern, "
+FOLDER_OPTIONS += "microscopy, organism, z_projection"
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (
+            lambda c: c["sources"]["mine"]["options"].update(label_patern="^x"),
+            f"config key 'sources.mine.options.label_patern': unknown option; this adapter accepts: {FOLDER_OPTIONS}",
+        ),
+        (
+            lambda c: c["training"]["runs"]["weak_label"]["method_options"].update(photometrc=True),
+            "config key 'training.runs.weak_label.method_options.photometrc': unknown option; method weak_label "
+            "accepts: rotate, flip, fill, photometric",
+        ),
+    ],
+)
+@pytest.mark.slow  # two `snakemake -n` runs, about 15 s each
+def test_late_option_typos_fail_at_dry_run_naming_the_key(tmp_path, demo_config, mutate, message):
+    """Adapter options and method_options were checked only when their job ran (after the
+    download, after the whole curation): each typo now stops `snakemake -n`."""
+    from workflow_helpers import snakemake, write_config
+
+    config = own_folder_config(demo_config)
+    mutate(config)
+    write_config(tmp_path, config)
+    result = snakemake(tmp_path, "-n")
+    assert result.returncode != 0
+    assert message in result.stdout + result.stderr, (result.stdout + result.stderr)[-3000:]
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (
+            lambda c: c["sources"]["mine"]["options"].update(label_pattern="^(?P<lable>.+)$"),
+            "sources.mine.options.label_pattern needs a named group (?P<label>...)",
+        ),
+        (
+            lambda c: c["sources"]["mine"]["options"].update(z_projection="median"),
+            "config key 'sources.mine.options.z_projection': 'median' is not max, mean or pick:<index>",
+        ),
+        (
+            lambda c: c["sources"]["mine"]["options"].pop("channels"),
+            "config key 'sources.mine.options.channels': missing required option",
+        ),
+        (
+            lambda c: c["sources"]["rxrx1_demo"]["options"].update(incomplete_site="keep"),
+            "config key 'sources.rxrx1_demo.options.incomplete_site': unknown option",
+        ),
+        (
+            lambda c: c["sources"]["rxrx1_demo"]["options"].update(incomplete_sites="drop"),
+            "sources.rxrx1_demo.options.incomplete_sites must be one of",
+        ),
+        (
+            lambda c: c["training"]["runs"]["autoencoder"]["method_options"].update(latent_dims=8),
+            "config key 'training.runs.autoencoder.method_options.latent_dims': unknown option",
+        ),
+        (
+            lambda c: c["benchmarks"]["coos7_demo"].update(source="coos_7"),
+            "config key 'benchmarks.coos7_demo.source': 'coos_7' is not a source with role 'benchmark'; sources with "
+            "that role: bbbc021_demo, coos7_demo, cyclops_demo, hpa_bench",
+        ),
+    ],
+)
+def test_option_values_and_benchmark_sources_are_checked_with_the_config(demo_config, mutate, message):
+    config = own_folder_config(demo_config)
+    validate_config(copy.deepcopy(config))
+    mutate(config)
+    with pytest.raises(ConfigError) as error:
+        validate_config(config)
+    assert message in str(error.value)

@@ -200,3 +200,32 @@ def test_file_sha256_reads_in_chunks(data_dir):
     import hashlib
 
     assert file_sha256(path, chunk_size=7) == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_outputs_get_the_mode_the_umask_gives_a_new_file(tmp_path, data_dir):
+    """Tables, streamed Parquet and any atomic_path file (checkpoints, report, manifests) are
+    readable by the group under umask 022, as a file `open` creates; and a failed write leaves
+    nothing behind."""
+    import os
+    import stat
+
+    from cytopretrain.core.tables import ParquetStreamWriter, atomic_path, write_table
+    from cytopretrain.curation.standardize import OUTPUT_SCHEMA
+
+    frame = pd.read_csv(data_dir / "bbbc021" / "BBBC021_v1_moa.csv")
+    previous = os.umask(0o022)
+    try:
+        write_table(frame, tmp_path / "moa.tsv")
+        write_table(frame, tmp_path / "moa.parquet")
+        with ParquetStreamWriter(tmp_path / "images.parquet", OUTPUT_SCHEMA):
+            pass
+        with atomic_path(tmp_path / "checkpoint.pt") as tmp:
+            torch.save({"step": 1}, tmp)
+        with pytest.raises(RuntimeError), atomic_path(tmp_path / "failed.json") as tmp:
+            tmp.write_text("{}")
+            raise RuntimeError("killed")
+        open(tmp_path / "plain.txt", "w").close()
+    finally:
+        os.umask(previous)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
+    assert modes == dict.fromkeys(["moa.tsv", "moa.parquet", "images.parquet", "checkpoint.pt", "plain.txt"], 0o644)

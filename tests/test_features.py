@@ -625,3 +625,25 @@ def test_rxrx1_cell_type_smoke_run():
     assert profiles["Metadata_cell_type"].tolist() == table["cell_type"].tolist()
     accuracy = leave_one_out_knn_accuracy(features_of(profiles), profiles["Metadata_cell_type"].to_numpy(), 1)
     print(f"rxrx1 cell type, random resnet18, LOO 1-NN accuracy: {accuracy:.3f} (n={len(profiles)})")
+
+
+def test_a_benchmark_stack_fails_as_a_stack_or_is_projected_by_its_sources_option(tmp_path, resnet):
+    """Real yeast planes as one ZYX stack per channel file: a `stack` failure without
+    z_projection (it used to be averaged as RGB), the max projection's features with it."""
+    planes = np.stack([tifffile.imread(p) for p in sorted((DATA / "yeast_toy" / "images").glob("*/*_gfp.tif"))[:6]])
+    paths = []
+    for channel, stack in (("dna", planes[:3]), ("actin", planes[3:])):
+        paths.append(str(tmp_path / f"cell_{channel}.ome.tif"))
+        tifffile.imwrite(paths[-1], stack, metadata={"axes": "ZYX"}, ome=True)
+    table = generated_table([("cell", paths)])
+    profiles, failures = extract_features(table, resnet, channel_mode="concat")
+    assert len(profiles) == 0 and failures["reason"].tolist() == ["stack"]
+    profiles, failures = extract_features(table, resnet, channel_mode="concat", z_projection="max")
+    projected = np.stack([planes[:3].max(axis=0), planes[3:].max(axis=0)], axis=-1)
+    assert len(failures) == 0
+    np.testing.assert_allclose(
+        features_of(profiles)[0],
+        direct_features(resnet, projected, mode="concat", normalize=True),
+        rtol=1e-4,
+        atol=1e-5,
+    )

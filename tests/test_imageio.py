@@ -13,7 +13,7 @@ from cell_images import DATA
 from PIL import Image
 
 from cytopretrain.core.errors import ImageReadError
-from cytopretrain.core.imageio import _plain_tiff_layout, read_channels, read_image
+from cytopretrain.core.imageio import ZProjection, _plain_tiff_layout, read_channels, read_image
 
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"real test data not found at {DATA}")
 
@@ -134,9 +134,81 @@ def test_tiff_rgb_and_ome(tmp_path):
     tifffile.imwrite(tmp_path / "a.ome.tif", stack, metadata={"axes": "CYX"})
     np.testing.assert_array_equal(read_image(tmp_path / "a.ome.tif"), np.moveaxis(stack, 0, -1))
 
-    tifffile.imwrite(tmp_path / "zc.ome.tif", random_image((2, 3, 30, 20), "uint16"), metadata={"axes": "ZCYX"})
+    zc = random_image((2, 3, 30, 20), "uint16")
+    tifffile.imwrite(tmp_path / "zc.ome.tif", zc, metadata={"axes": "ZCYX"})
     error = read_error(tmp_path / "zc.ome.tif")
-    assert error.reason == "bad_shape" and "ZCYX" in error.detail
+    assert error.reason == "stack" and "ZCYX" in error.detail and "z_projection" in error.detail
+    projected = read_channels([tmp_path / "zc.ome.tif"], 3, "max")
+    np.testing.assert_array_equal(projected, np.moveaxis(zc.max(axis=0), 0, -1))
+
+    tifffile.imwrite(tmp_path / "tzyx.ome.tif", random_image((2, 2, 30, 20), "uint16"), metadata={"axes": "TZYX"})
+    error = read_error(tmp_path / "tzyx.ome.tif")
+    assert error.reason == "bad_shape" and "TZYX" in error.detail
+
+
+def yeast_planes(n: int) -> tuple[list[Path], np.ndarray]:
+    """The first ``n`` real yeast GFP planes (64 x 64 float32) and their (n, 64, 64) stack."""
+    paths = sorted((DATA / "yeast_toy" / "images").glob("*/*_gfp.tif"))[:n]
+    return paths, np.stack([tifffile.imread(p) for p in paths])
+
+
+@needs_data
+@pytest.mark.parametrize(
+    ("name", "write"),
+    [
+        ("zyx.tif", {"metadata": {"axes": "ZYX"}, "photometric": "minisblack"}),
+        ("zyx.ome.tif", {"metadata": {"axes": "ZYX"}, "ome": True}),
+        ("imagej.tif", {"imagej": True, "metadata": {"axes": "ZYX"}}),
+        ("pages.tif", {"photometric": "minisblack"}),
+    ],
+)
+def test_a_stack_in_a_channel_file_is_a_stack_not_a_grey_image(tmp_path, name, write):
+    """Three real planes written as a Z-stack (tifffile, OME, ImageJ) or as bare pages used to be
+    averaged as if they were RGB; they are a ``stack`` unless a z_projection reduces them."""
+    _, planes = yeast_planes(3)
+    tifffile.imwrite(tmp_path / name, planes, **write)
+    rfp = tmp_path / "plane_rfp.tif"
+    tifffile.imwrite(rfp, planes[0])
+    for paths, expected in (([tmp_path / name, rfp], 2), ([tmp_path / name], 1)):
+        with pytest.raises(ImageReadError) as caught:
+            read_channels(paths, expected)
+        assert caught.value.reason == "stack" and "3 planes" in caught.value.detail, caught.value.detail
+        np.testing.assert_array_equal(read_channels(paths, expected, "max")[:, :, 0], planes.max(axis=0))
+        np.testing.assert_allclose(read_channels(paths, expected, "mean")[:, :, 0], planes.mean(axis=0), rtol=1e-6)
+        np.testing.assert_array_equal(read_channels(paths, expected, "pick:2")[:, :, 0], planes[2])
+        with pytest.raises(ImageReadError, match="3 planes"):
+            read_channels(paths, expected, "pick:3")
+
+
+@needs_data
+def test_colour_and_channel_axes_are_not_stacks(tmp_path):
+    """An RGB TIFF (axis S) in a channel file is colour, averaged; a C axis there is refused; a
+    5-plane Z-stack is a stack too (it used to be bad_shape)."""
+    _, planes = yeast_planes(5)
+    rgb = (planes[:3] * 255).astype(np.uint8)
+    tifffile.imwrite(tmp_path / "rgb.tif", np.moveaxis(rgb, 0, -1), photometric="rgb")
+    np.testing.assert_allclose(read_channels([tmp_path / "rgb.tif"], 1)[:, :, 0], rgb.mean(axis=0), rtol=1e-6)
+    tifffile.imwrite(tmp_path / "cyx.tif", planes[:3], metadata={"axes": "CYX"}, photometric="minisblack")
+    assert read_image(tmp_path / "cyx.tif").shape == (64, 64, 3)  # a file of all channels
+    with pytest.raises(ImageReadError) as caught:
+        read_channels([tmp_path / "cyx.tif"], 1)
+    assert caught.value.reason == "bad_shape" and "3 channels along C" in caught.value.detail
+    tifffile.imwrite(tmp_path / "z5.tif", planes, metadata={"axes": "ZYX"}, photometric="minisblack")
+    with pytest.raises(ImageReadError) as caught:
+        read_channels([tmp_path / "z5.tif"], 1)
+    assert caught.value.reason == "stack"
+
+
+def test_z_projection_text():
+    assert [str(ZProjection.parse(t)) for t in ("max", "mean", "pick:0", " pick:12 ")] == [
+        "max",
+        "mean",
+        "pick:0",
+        "pick:12",
+    ]
+    for bad in ("median", "pick", "pick:-1", "max:1", "pick:x"):
+        with pytest.raises(ValueError, match="max, mean or pick"):
+            ZProjection.parse(bad)
 
 
 @pytest.mark.parametrize("channels", [1, 2, 3, 4])

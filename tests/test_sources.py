@@ -489,7 +489,7 @@ def test_folder_tree_with_incomplete_and_unknown_files(tmp_path, caplog):
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"category": "gene"}, r"missing required option sources\.own\.options\.channels"),
+        ({"category": "gene"}, r"sources\.own\.options\.channels.: missing required option"),
         ({"channels": ["a"], "category": "label"}, r"sources\.own\.options\.category"),
         (
             {"channels": ["a"], "category": "gene", "microscopy": "confocal"},

@@ -328,3 +328,49 @@ def test_chunk_on_real_rxrx1_sites(tmp_path):
         image = read_channels(meta.set_index("idx").loc[row["idx"], "channel_paths"])
         decoded = tables.decode_pixels(row["pixels"], row["height"], row["width"], row["n_channels"])
         assert_close_to_reference(decoded[:, :, 0], image, "merge")
+
+
+@pytest.mark.skipif(not DATA.is_dir(), reason="real data absent")
+def test_stacks_and_tiny_images_get_their_own_reasons(tmp_path):
+    """Real yeast planes: a 3 x 3 and a 1 x 1 crop are too_small (the 1 x 1 used to be
+    `uniform`, the 3 x 3 kept); a ZYX stack of three planes is a `stack` for a source without
+    z_projection and its maximum projection for a source with `max`; a 31-pixel side is under
+    the default minimum."""
+    paths = sorted((DATA / "yeast_toy" / "images").glob("*/*_gfp.tif"))[:3]
+    planes = np.stack([tifffile.imread(p) for p in paths])
+    stack = tmp_path / "stack_gfp.ome.tif"
+    tifffile.imwrite(stack, planes, metadata={"axes": "ZYX"}, ome=True)
+    rows = [
+        ("tiny", [write_tiff(tmp_path / "tiny.tif", planes[0, 30:33, 30:33])], "own"),
+        ("dot", [write_tiff(tmp_path / "dot.tif", planes[0, 30:31, 30:31])], "own"),
+        ("narrow", [write_tiff(tmp_path / "narrow.tif", planes[0, :31, :])], "own"),
+        ("side-32", [write_tiff(tmp_path / "side32.tif", planes[0, :32, :])], "own"),
+        ("stack", [str(stack)], "own"),
+        ("projected", [str(stack)], "confocal"),
+    ]
+    meta = pd.DataFrame(rows, columns=["idx", "channel_paths", "name"]).assign(channels="gfp")
+    out = tmp_path / "out.parquet"
+    decisions = standardize_chunk(meta, out, z_projections={"confocal": "max"})
+    assert dict(zip(decisions["idx"], decisions["reason"])) == {
+        "tiny": "too_small",
+        "dot": "too_small",
+        "narrow": "too_small",
+        "side-32": "",
+        "stack": "stack",
+        "projected": "",
+    }
+    details = decisions.set_index("idx")["detail"]
+    assert "3 x 3 pixels" in details["tiny"] and "tiny.tif" in details["tiny"]
+    assert "3 planes along Z" in details["stack"] and "z_projection" in details["stack"]
+    assert {"too_small", "stack"} <= set(QUARANTINE_REASONS)
+    kept = {row["idx"]: row for row in pq.read_table(out).to_pylist()}
+    expected, _ = standardize_image(planes.max(axis=0))
+    row = kept["projected"]
+    np.testing.assert_array_equal(tables.decode_pixels(row["pixels"], 64, 64, 1)[:, :, 0], expected)
+
+
+def test_default_min_side_is_the_smallest_side_every_backbone_accepts():
+    from cytopretrain.curation.standardize import DEFAULT_MIN_SIDE
+    from cytopretrain.learning.models import _MIN_INPUT_SIZE
+
+    assert DEFAULT_MIN_SIDE == max(_MIN_INPUT_SIZE.values())

@@ -347,3 +347,42 @@ def test_bf16_autocast_on_cpu(shard_dir, tmp_path):
     assert card["precision"] == "bfloat16"
     assert math.isfinite(result["metrics"]["loss"]) and math.isfinite(result["metrics"]["val_loss"])
     assert all(v.dtype != torch.bfloat16 for v in tensors(tmp_path / "backbone.pt").values())
+
+
+def test_the_rule_log_says_resume_or_start_over_and_shows_progress_during_the_run(shard_dir, tmp_path, monkeypatch):
+    """A user watching a long run's log saw nothing until the end: now it says whether the run
+    resumes or starts over, and every log_every steps a line with images/s and an ETA is in the
+    file while training goes on (read back at each checkpoint)."""
+    import logging
+
+    rule_log = tmp_path / "rule.log"
+    handler = logging.FileHandler(rule_log, mode="w")  # as scripts/_workflow.setup_logging
+    logger = logging.getLogger("cytopretrain")
+    before = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    seen_at_checkpoint = []
+    save = train.Trainer.save_checkpoint
+
+    def save_and_read(self):
+        seen_at_checkpoint.append((self.progress.step, rule_log.read_text()))
+        save(self)
+
+    monkeypatch.setattr(train.Trainer, "save_checkpoint", save_and_read)
+    try:
+        out = tmp_path / "run"
+        train.train(BASE, shard_dir, out, max_steps_this_run=4)
+        train.train(BASE, shard_dir, out, max_steps_this_run=2)
+        train.train(BASE, shard_dir, out, resume=False, max_steps_this_run=1)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(before)
+        handler.close()
+    lines = rule_log.read_text().splitlines()
+    assert sum("starting over: no checkpoint in" in line for line in lines) == 1
+    assert any(f"resuming from step 4 (checkpoint {out / 'checkpoints' / 'step-0000004.pt'})" in line for line in lines)
+    assert sum("starting over: resume=False" in line for line in lines) == 1
+    progress = [line for line in lines if " images/s, ETA " in line]
+    assert [line.split("step ")[1].split(" ")[0] for line in progress] == ["2/12", "4/12", "6/12"]
+    step, text = seen_at_checkpoint[1]  # the checkpoint after step 4, before the run ended
+    assert step == 4 and "step 4/12" in text and "step 2/12" in text

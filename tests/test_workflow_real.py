@@ -8,6 +8,9 @@ no pixels here) is cleaned as a benchmark source.
 
 from __future__ import annotations
 
+import os
+import stat
+
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
@@ -26,8 +29,24 @@ pytestmark = [
 def run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("real")
     write_config(workdir, real_config())
-    check(snakemake(workdir, "--cores", "2"))
+    previous = os.umask(0o022)  # the common default; every output must follow it
+    try:
+        check(snakemake(workdir, "--cores", "2"))
+    finally:
+        os.umask(previous)
     return workdir
+
+
+def test_every_output_has_the_mode_the_umask_gives(run):
+    """Tables, shards, manifests and logs used to be 0600 (mkstemp) and unreadable to the group."""
+    modes = {
+        str(path.relative_to(run)): stat.S_IMODE(path.stat().st_mode)
+        for folder in ("results", "logs")
+        for path in (run / folder).rglob("*")
+        if path.is_file()
+    }
+    assert len(modes) > 50 and any(name.endswith(".parquet") for name in modes)
+    assert {name: mode for name, mode in modes.items() if mode != 0o644} == {}
 
 
 def test_every_real_image_is_accounted_for(run):

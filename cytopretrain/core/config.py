@@ -1,6 +1,9 @@
 """Config validation: the JSON schema in workflow/schemas plus the checks a schema cannot say.
 
-Every error names the offending key as a dotted path (``sources.rxrx1.adapter``).
+Every error names the offending key as a dotted path (``sources.rxrx1.adapter``). Options the
+schema leaves open are checked here too, before any job: each source's adapter options (the
+adapter's own names and value checks, curation.sources.validate_options) and each run's
+method_options (the option names of its pretext method, learning.pretext.method_options).
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import jsonschema
 import yaml
 
 from cytopretrain import REPO_ROOT
-from cytopretrain.core.errors import ConfigError
+from cytopretrain.core.errors import ConfigError, SourceError
 
 SCHEMA_PATH = REPO_ROOT / "workflow" / "schemas" / "config.schema.yaml"
 
@@ -115,6 +118,7 @@ def _check_semantics(config: dict) -> None:
         # Files sources are only downloaded: no adapter reads them.
         if "adapter" not in spec and "resource" not in spec and spec["role"] != "files":
             raise ConfigError(f"config key 'sources.{name}.adapter': required unless a resource YAML names it")
+    _check_source_options(config["sources"])
     models = _check_learning(config)
     _check_profiles(config, models)
     # Curation only runs for pretrain sources, so a config without them must evaluate something.
@@ -128,6 +132,36 @@ def _check_semantics(config: dict) -> None:
             "config key 'sources': nothing to do: no source has role 'pretrain', no benchmark has a "
             "model (training.runs or features.external) and profiles is empty"
         )
+
+
+def _check_source_options(sources: dict) -> None:
+    """Each cleaned source's adapter options, as its adapter will read them."""
+    from cytopretrain.curation.resources import load_resource
+    from cytopretrain.curation.sources import validate_options
+
+    for name, spec in sources.items():
+        if spec["role"] == "files":
+            continue
+        adapter = spec.get("adapter") or load_resource(spec["resource"])["adapter"]
+        try:
+            validate_options(adapter, name, spec["options"])
+        except SourceError as exc:
+            raise ConfigError(str(exc)) from None
+
+
+def _check_method_options(name: str, run: dict) -> None:
+    """A run's method_options against the option names its pretext method declares."""
+    if not run["method_options"]:
+        return
+    from cytopretrain.learning.pretext import method_options
+
+    allowed = method_options(run["method"])
+    for option in run["method_options"]:
+        if option not in allowed:
+            raise ConfigError(
+                f"config key 'training.runs.{name}.method_options.{option}': unknown option; "
+                f"method {run['method']} accepts: {', '.join(allowed) or 'no options'}"
+            )
 
 
 def random_baselines(runs: dict) -> dict[str, str]:
@@ -152,6 +186,7 @@ def _check_learning(config: dict) -> set[str]:
     runs = config["training"]["runs"]
     features = config["features"]
     for name, run in runs.items():
+        _check_method_options(name, run)
         # Under torchrun every CUDA rank takes its own GPU (LOCAL_RANK).
         if run["gpus"] and run["processes"] > run["gpus"]:
             raise ConfigError(
@@ -181,8 +216,10 @@ def _check_learning(config: dict) -> set[str]:
             )
         source = config["sources"].get(benchmark["source"])
         if source is None or source["role"] != "benchmark":
+            valid = sorted(n for n, spec in config["sources"].items() if spec["role"] == "benchmark")
             raise ConfigError(
-                f"config key 'benchmarks.{name}.source': {benchmark['source']!r} is not a source with role 'benchmark'"
+                f"config key 'benchmarks.{name}.source': {benchmark['source']!r} is not a source with role "
+                f"'benchmark'; sources with that role: {', '.join(valid) or 'none'}"
             )
     outlier_run = config["outliers"]["run"]
     if outlier_run is not None and runs.get(outlier_run, {}).get("method") != "autoencoder":

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import tempfile
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -52,14 +52,28 @@ def decode_pixels(pixels: bytes, height: int, width: int, n_channels: int) -> np
     return array.reshape(int(height), int(width), int(n_channels))
 
 
+def _create_beside(target: Path) -> Path:
+    """A new empty file ``.<name>.<random>.part`` beside ``target``, created as ``open`` creates
+    files (mode 0666 less the umask): ``tempfile.mkstemp`` would make it 0600, and the rename
+    keeps the mode, so every output would be unreadable to the user's group on a shared folder."""
+    while True:
+        tmp = target.parent / f".{target.name}.{secrets.token_hex(4)}.part"
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return tmp
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it onto ``path`` only on success."""
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only on success.
+
+    The file gets the mode the umask gives a new file (as ``open`` would), so outputs are as
+    readable as any file the user writes."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = _create_beside(target)
     try:
         yield tmp_path
         os.replace(tmp_path, target)

@@ -42,7 +42,9 @@ Semantics of :func:`assign_weak_labels`
 * **Output.** ``selection`` has one row per selected image (columns idx, label, category) in
   assignment order, rows of one label in table order. ``report`` has one row per candidate
   (label, token, category, n_total, n_available, n_selected, outcome, order) in visiting order.
-  ``report.n_selected.sum() == len(selection)``.
+  ``report.n_selected.sum() == len(selection)``. :func:`labels_below_min` lists the labels that
+  never became candidates (outcome ``below_min_count``); the workflow appends them to
+  ``labels/report.tsv`` so that a class too rare to be used is seen, not silently lost.
 
 Where this deviates from the original ``analyze_metadata.py`` and why
 ----------------------------------------------------------------------
@@ -90,6 +92,7 @@ TAKEN_ALL = "taken_all"
 DOWNSAMPLED = "downsampled"
 DOWNSAMPLED_PRELIM = "downsampled_prelim"
 SKIPPED_BELOW_MIN = "skipped_below_min"
+BELOW_MIN_COUNT = "below_min_count"  # never a candidate: fewer than min_count images hold it
 
 SELECTION_FIELDS: dict[str, pa.DataType] = {
     "idx": pa.string(),
@@ -357,6 +360,44 @@ def assign_weak_labels(
         }
     )
     return selection, report
+
+
+def labels_below_min(
+    meta: pd.DataFrame, *, columns: Sequence[str] = LABEL_COLUMNS, min_count: int = 287
+) -> pd.DataFrame:
+    """The labels no image is assigned to because fewer than ``min_count`` rows hold them (they
+    are never candidates), in the report's columns: outcome ``below_min_count``, n_selected 0,
+    no order; by category (in ``columns`` order), then most images first, then token.
+
+    An own collection whose rarer classes fall under the threshold loses them from pretraining:
+    listing them says so and how many images each had.
+    """
+    columns = list(columns)
+    parts = []
+    for position, column in enumerate(columns):
+        index = build_token_index(encode_column(meta[column], column))
+        counts = index.counts()
+        below = np.flatnonzero(counts < min_count)
+        parts.append(
+            pd.DataFrame(
+                {"token": index.tokens[below], "n_total": counts[below].astype(np.int64), "position": position}
+            )
+        )
+    found = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["token", "n_total", "position"])
+    found = found.sort_values(["position", "n_total", "token"], ascending=[True, False, True], ignore_index=True)
+    category = pd.Series([columns[p] for p in found["position"]], dtype=object)
+    return pd.DataFrame(
+        {
+            "label": found["token"].astype(object),
+            "token": found["token"].astype(object),
+            "category": category,
+            "n_total": found["n_total"].astype(np.int64),
+            "n_available": found["n_total"].astype(np.int64),
+            "n_selected": np.zeros(len(found), dtype=np.int64),
+            "outcome": pd.Series(BELOW_MIN_COUNT, index=found.index, dtype=object),
+            "order": pd.Series(pd.NA, index=found.index, dtype="Int64"),
+        }
+    )
 
 
 def _unique_label_names(tokens: pd.Series, categories: pd.Series, n_selected: np.ndarray) -> pd.Series:

@@ -22,6 +22,12 @@ Definition (CytoImageNet's, made precise):
   micrograph (CytoImageNet's filter), and is rejected (reason ``binary``). Checking it here, on
   the raw channels, catches masks that merging would blend into more than two grey levels.
 - NaN or infinite pixels reject the image (reason ``non_finite``).
+- An image whose shorter side is under ``min_side`` pixels is rejected (reason ``too_small``)
+  before any other check: cropping would upsample a few pixels into a training image. The
+  default, ``DEFAULT_MIN_SIDE`` = 32, is the smallest side every backbone accepts
+  (learning.models: 16 for the resnets and efficientnet_b0, 32 for densenet121).
+- A TIFF stack (Z or T planes, or unnamed pages in a per-channel file) is rejected (reason
+  ``stack``) unless the source's ``z_projection`` option reduces it (core.imageio).
 
 ``standardize_chunk`` runs the stage over a slice of the canonical table (schema.py), streams
 kept images to Parquet and returns one decision row per input row.
@@ -39,12 +45,14 @@ import pyarrow as pa
 
 from cytopretrain.core import tables
 from cytopretrain.core.errors import ImageReadError, SchemaError, StandardizeError
-from cytopretrain.core.imageio import READ_REASONS, read_channels
+from cytopretrain.core.imageio import READ_REASONS, ZProjection, read_channels
 from cytopretrain.core.numerics import histogram_percentiles, level_counts, selection_percentiles
 from cytopretrain.core.parallel import ordered_map
 
 DEFAULT_LOW = 0.1
 DEFAULT_HIGH = 99.9
+# The smallest image side every backbone of learning.models accepts (densenet121's 32).
+DEFAULT_MIN_SIDE = 32
 MODES = ("merge", "keep")
 STAGE = "standardize"
 # Integer channels spanning at most this many distinct levels are histogrammed, not sorted.
@@ -63,7 +71,7 @@ OUTPUT_SCHEMA = pa.schema(list(OUTPUT_FIELDS.items()))
 DECISION_COLUMNS = ("idx", "stage", "status", "reason", "detail")
 REQUIRED_COLUMNS = ("idx", "channel_paths", "channels")
 # Every reason a decision row of this stage can carry.
-QUARANTINE_REASONS = READ_REASONS + ("uniform", "binary", "non_finite")
+QUARANTINE_REASONS = READ_REASONS + ("too_small", "uniform", "binary", "non_finite")
 
 
 def _check_options(low: float, high: float, mode: str) -> None:
@@ -218,10 +226,13 @@ class _Job:
     paths: list[str]
     n_names: int  # channel names listed in the metadata (0 = none listed)
     n_configured: int | None  # expected_channels[name], if configured
+    z_projection: ZProjection | None  # z_projections[name], if configured
 
 
-def _jobs(meta: pd.DataFrame, expected_channels: Mapping[str, int] | None) -> Iterator[_Job]:
-    names = meta["name"].tolist() if expected_channels else [None] * len(meta)
+def _jobs(
+    meta: pd.DataFrame, expected_channels: Mapping[str, int] | None, z_projections: Mapping[str, ZProjection]
+) -> Iterator[_Job]:
+    names = meta["name"].tolist() if expected_channels or z_projections else [None] * len(meta)
     for idx, paths, channels, name in zip(
         meta["idx"].tolist(), meta["channel_paths"].tolist(), meta["channels"].tolist(), names
     ):
@@ -229,7 +240,7 @@ def _jobs(meta: pd.DataFrame, expected_channels: Mapping[str, int] | None) -> It
             raise SchemaError(f"standardize: idx {idx!r}: channel_paths must be a non-empty list, got {paths!r}")
         n_names = len(channels.split("|")) if isinstance(channels, str) and channels else 0
         configured = expected_channels.get(name) if expected_channels else None
-        yield _Job(str(idx), [str(p) for p in paths], n_names, configured)
+        yield _Job(str(idx), [str(p) for p in paths], n_names, configured, z_projections.get(name))
 
 
 def _expected_count(job: _Job) -> int | None:
@@ -241,10 +252,16 @@ def _expected_count(job: _Job) -> int | None:
     return job.n_configured if job.n_configured is not None else (job.n_names or None)
 
 
-def _standardize_job(job: _Job, low: float, high: float, mode: str) -> dict:
+def _standardize_job(job: _Job, low: float, high: float, mode: str, min_side: int) -> dict:
     """Output row of one image, or a decision dict carrying the quarantine reason."""
     try:
-        image = read_channels(job.paths, _expected_count(job))
+        image = read_channels(job.paths, _expected_count(job), job.z_projection)
+        if min(image.shape[:2]) < min_side:
+            return {
+                "reason": "too_small",
+                "detail": f"{', '.join(job.paths)}: {image.shape[0]} x {image.shape[1]} pixels, "
+                f"a side under standardize.min_side {min_side}",
+            }
         pixels, stats = standardize_image(image, low=low, high=high, mode=mode)
     except ImageReadError as exc:
         return {"reason": exc.reason, "detail": exc.detail}
@@ -269,6 +286,8 @@ def standardize_chunk(
     high: float = DEFAULT_HIGH,
     mode: str = "merge",
     expected_channels: Mapping[str, int] | None = None,
+    z_projections: Mapping[str, str] | None = None,
+    min_side: int = DEFAULT_MIN_SIDE,
     rows_per_group: int = 32,
     threads: int = 1,
 ) -> pd.DataFrame:
@@ -277,21 +296,24 @@ def standardize_chunk(
     ``meta`` needs columns idx, channel_paths, channels (and name when ``expected_channels``,
     a map from source ``name`` to channel count, is given). The expected channel count of a
     row is the number of names in ``channels`` and/or ``expected_channels[name]``; both, when
-    present, must agree. The output follows OUTPUT_SCHEMA, written atomically one row group at
-    a time. Returns the decision table (DECISION_COLUMNS): one row per input row, status
-    "kept" or "quarantined" with a machine-readable reason and a detail naming the file.
+    present, must agree. ``z_projections`` maps a source ``name`` to its z_projection option
+    (max, mean, pick:<index>), which reduces that source's TIFF stacks to one plane; images
+    with a side under ``min_side`` pixels are ``too_small``. The output follows OUTPUT_SCHEMA,
+    written atomically one row group at a time. Returns the decision table (DECISION_COLUMNS):
+    one row per input row, status "kept" or "quarantined" with a machine-readable reason and a detail naming the file.
     ``threads`` > 1 decodes and normalizes images in a thread pool (imagecodecs, zlib and most
     numpy kernels release the GIL); it only pays when the job owns idle cores and inputs are
     compressed (PNG, zlib TIFF) - for uncompressed TIFF the Python-side TIFF parsing holds
     the GIL. Running one single-threaded job per core is the default plan.
     """
     _check_options(low, high, mode)
-    _check_table(meta, expected_channels)
-    jobs = list(_jobs(meta, expected_channels))  # validates every row before any output
+    _check_table(meta, expected_channels or z_projections)
+    projections = {name: ZProjection.parse(value) for name, value in (z_projections or {}).items() if value}
+    jobs = list(_jobs(meta, expected_channels, projections))  # validates every row before any output
     decisions: list[tuple[str, str, str, str, str]] = []
 
     def work(job: _Job) -> dict:
-        return _standardize_job(job, low, high, mode)
+        return _standardize_job(job, low, high, mode, min_side)
 
     with tables.ParquetStreamWriter(out_path, OUTPUT_SCHEMA, rows_per_group=rows_per_group) as writer:
         for job, result in ordered_map(work, jobs, threads, name="standardize"):

@@ -50,7 +50,7 @@ import torch
 
 from cytopretrain.core.devices import PRECISIONS, autocast_dtype, resolve_device
 from cytopretrain.core.errors import ImageReadError, SchemaError
-from cytopretrain.core.imageio import read_channels
+from cytopretrain.core.imageio import ZProjection, read_channels
 from cytopretrain.core.parallel import ordered_map
 from cytopretrain.core.schema import QUARANTINE_FIELDS
 from cytopretrain.evaluation.preprocess import CHANNEL_MODES, Failed, Job, Loaded, load_group
@@ -89,6 +89,7 @@ class ExtractionOptions:
     input_norm: str | None = None
     expected_channels: int | None = None
     num_workers: int = 0
+    z_projection: str | None = None  # the benchmark source's option (core.imageio.ZProjection)
 
     def __post_init__(self) -> None:
         if self.channel_mode not in CHANNEL_MODES:
@@ -109,6 +110,7 @@ class ExtractionOptions:
             raise ValueError(f"expected_channels must be None or a positive integer, got {self.expected_channels!r}")
         if not isinstance(self.num_workers, int) or self.num_workers < 0:
             raise ValueError(f"num_workers must be a non-negative integer, got {self.num_workers!r}")
+        ZProjection.parse(self.z_projection)
 
 
 # ---------------------------------------------------------------- the table's jobs
@@ -150,7 +152,7 @@ def _first_channel_count(jobs: list[Job]) -> int | None:
     """The channel count of the table's first readable image (None if none is readable)."""
     for job in jobs:
         try:
-            return read_channels(job.paths).shape[2]
+            return read_channels(job.paths, z_projection=job.z_projection).shape[2]
         except ImageReadError:
             continue
     return None
@@ -261,7 +263,8 @@ def _batches(
             return table_count
         return options.expected_channels or (len(names.split("|")) if names else None)
 
-    jobs = list(_jobs(table, expected))  # checks every row before any work
+    # checks every row before any work
+    jobs = [dataclasses.replace(job, z_projection=options.z_projection) for job in _jobs(table, expected)]
     if concat and table_count is None:
         table_count = _first_channel_count(jobs)
         jobs = [dataclasses.replace(job, expected=table_count) for job in jobs]

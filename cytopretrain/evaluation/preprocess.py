@@ -43,12 +43,14 @@ _HISTOGRAM_MIN_PIXELS = 1 << 15
 
 @dataclass(frozen=True)
 class Job:
-    """One image to extract: its row in the input table, id, channel files, expected count."""
+    """One image to extract: its row in the input table, id, channel files, expected count, and
+    the source's z_projection (how a TIFF stack becomes one plane; None: a stack fails)."""
 
     position: int
     idx: str
     paths: tuple[str, ...]
     expected: int | None
+    z_projection: str | None = None
 
 
 @dataclass
@@ -155,7 +157,7 @@ def pad_planes(planes: torch.Tensor, min_size: int, multiple: int = 1) -> torch.
 def read_job(job: Job) -> np.ndarray | Failed:
     """One image as (C, H, W) in its native dtype, or why it cannot be used."""
     try:
-        image = read_channels(job.paths, job.expected)
+        image = read_channels(job.paths, job.expected, job.z_projection)
         _check_finite(image)
     except ImageReadError as error:
         return Failed(job.position, job.idx, error.reason, error.detail)

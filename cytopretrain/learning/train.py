@@ -524,13 +524,14 @@ class Trainer:
             dynamic_ncols=True,
         )
         started = interval_start = time.perf_counter()
-        interval_images = 0
+        interval_images = interval_steps = 0
         with bar:
             while self.progress.step < stop_at:
                 for batch in self.loader("train", self.progress.epoch, self.progress.position):
                     epoch = self.progress.epoch
                     self.interval.add(self.train_step(batch))
                     interval_images += len(batch["label"]) * self.runtime.world_size
+                    interval_steps += 1
                     self._advance()
                     bar.update(1)
                     step = self.progress.step
@@ -542,6 +543,7 @@ class Trainer:
                     if logged:
                         record.update(self._train_record(interval_images / (now - interval_start)))
                         bar.set_postfix(loss=f"{record['loss']:.4f}")
+                        self._log_progress(record, (now - interval_start) / interval_steps * (total - step))
                     if self.has_validation and (step % self.settings["validate_every"] == 0 or step == total):
                         record.update(self.validate())
                         self._watch(step, record)
@@ -550,7 +552,7 @@ class Trainer:
                     if step % self.settings["checkpoint_every"] == 0 or step == stop_at:
                         self.save_checkpoint()
                     if logged:  # validation and checkpoints do not count against images/s
-                        interval_start, interval_images = time.perf_counter(), 0
+                        interval_start, interval_images, interval_steps = time.perf_counter(), 0, 0
                     if step >= stop_at:
                         break
 
@@ -573,6 +575,19 @@ class Trainer:
             else "the validation split holds a single weak label: no kNN monitor"
         )
         return {"step": self.progress.step, "monitor": None, "value": None, "reason": reason}
+
+    def _log_progress(self, record: dict, eta_s: float) -> None:
+        """One line per log interval, for a user watching the rule log of a long run."""
+        if self.runtime.is_main:
+            log.info(
+                "step %d/%d (epoch %d): loss %.4f, %.1f images/s, ETA %s",
+                self.progress.step,
+                self.settings["steps"],
+                self.progress.epoch,
+                record["loss"],
+                record["images_per_s"],
+                time.strftime("%H:%M:%S", time.gmtime(eta_s)) if eta_s < 86400 else f"{eta_s / 86400:.1f} days",
+            )
 
     def _advance(self) -> None:
         self.progress.step += 1
@@ -725,6 +740,14 @@ def train(
         _barrier(runtime)
         trainer = Trainer(settings, shards_dir, out_dir, runtime)
         state = _agreed_checkpoint(out_dir, runtime) if resume else None
+        if runtime.is_main:
+            if state is not None:
+                log.info(
+                    "resuming from step %d (checkpoint %s)", state["step"], checkpoint_path(out_dir, state["step"])
+                )
+            else:
+                why = "no checkpoint in" if resume else "resume=False, deleted the checkpoints of"
+                log.info("starting over: %s %s", why, out_dir)
         if state is not None:
             trainer.load(state)
             if runtime.is_main:

@@ -9,15 +9,20 @@ REPO_ROOT = Path(workflow.current_basedir).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from cytopretrain.core.config import random_baselines, validate_config
+from cytopretrain.core.errors import SourceError
 from cytopretrain.curation.download import transport_problem
+from cytopretrain.curation.listing import refresh_listing
 from cytopretrain.curation.resources import load_resource, resource_from_config
 from cytopretrain.learning.checkpoints import backbone_file
+from cytopretrain.curation.sources import folder_problem
 from cytopretrain.synthetic.layouts import LAYOUTS
 
 validate_config(config, REPO_ROOT / "workflow" / "schemas" / "config.schema.yaml")
 
 SOURCES = config["sources"]
 for _name, _spec in SOURCES.items():
+    if "path" in _spec and not os.path.isdir(_spec["path"]):
+        raise SourceError(folder_problem(Path(_spec["path"]), f"sources.{_name}.path"))
     # Resolve resource YAMLs and inline URLs now, so a broken source stops the run before any job.
     if "synthetic" not in _spec:
         _problem = transport_problem(resource_from_config(_name, _spec))
@@ -49,6 +54,15 @@ def source_root(source):
     return f"results/download/{source}"
 
 
+def get_z_projections():
+    """Each source's z_projection option (how its TIFF stacks become one plane), when set."""
+    return {
+        name: spec["options"]["z_projection"]
+        for name, spec in SOURCES.items()
+        if spec["options"].get("z_projection")
+    }
+
+
 def get_download_input(wildcards):
     spec = SOURCES[wildcards.source]
     if "synthetic" in spec:
@@ -58,6 +72,24 @@ def get_download_input(wildcards):
 
 def get_source_root(wildcards):
     return source_root(wildcards.source)
+
+
+_REFRESHED_LISTINGS = set()
+
+
+def get_source_listing(wildcards):
+    """A path source's listing (cytopretrain.curation.listing): refreshed once per job graph
+    the main process builds (also by -n), rewritten only when a file under the folder was
+    added, removed or rewritten, so that clean_metadata and what follows rerun exactly then.
+    """
+    spec = SOURCES[wildcards.source]
+    if "path" not in spec:
+        return []
+    listing = f"results/metadata/sources/{wildcards.source}.listing.tsv"
+    if workflow.is_main_process and wildcards.source not in _REFRESHED_LISTINGS:
+        refresh_listing(spec["path"], listing)
+        _REFRESHED_LISTINGS.add(wildcards.source)
+    return listing
 
 
 def get_merge_inputs(wildcards):

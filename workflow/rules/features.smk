@@ -20,6 +20,9 @@ rule extract_features:
         model=lambda wildcards: model_spec(wildcards.model),
         features=FEATURES,
         device=config["training"]["device"],
+        z_projection=lambda wildcards: get_z_projections().get(
+            BENCHMARKS[wildcards.benchmark]["source"]
+        ),
     script:
         "../../scripts/extract_features.py"
 

@@ -1,6 +1,7 @@
 rule clean_metadata:
     input:
         root=get_source_root,
+        listing=get_source_listing,
     output:
         table="results/metadata/sources/{source}.parquet",
         issues="results/metadata/sources/{source}.issues.tsv",

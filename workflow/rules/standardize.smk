@@ -18,5 +18,7 @@ rule standardize:
         low=config["standardize"]["low_percentile"],
         high=config["standardize"]["high_percentile"],
         mode=config["standardize"]["channels"],
+        min_side=config["standardize"]["min_side"],
+        z_projections=get_z_projections(),
     script:
         "../../scripts/standardize.py"

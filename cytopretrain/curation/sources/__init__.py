@@ -1,8 +1,17 @@
 """Source adapters: one module per source layout, each turning its files into the canonical table.
 
-Every adapter module exposes ``adapt(root, source, options) -> AdapterResult``. Modules are
-imported only when asked for, so a missing or broken adapter cannot break the others.
-This module also holds the option handling the adapters share.
+Every adapter module exposes ``adapt(root, source, options) -> AdapterResult`` and its
+``DEFAULTS`` (the option names it accepts), and may expose ``check_options(source, options)``,
+which checks the option values without reading a file: ``validate_options`` runs both before
+any job (core.config). Modules are imported only when asked for, so a missing or broken adapter
+cannot break the others. This module also holds the option handling the adapters share.
+
+Options every adapter accepts (``COMMON_OPTIONS``):
+    z_projection   how a TIFF stack (Z or T planes, or unnamed pages in a file holding one
+                   channel) becomes one plane: ``max`` (maximum intensity projection), ``mean``
+                   or ``pick:<index>`` (0-based plane). Unset, a stack is quarantined by
+                   standardize with reason ``stack``; an image is never averaged across planes
+                   silently (core.imageio).
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from cytopretrain.core.errors import SourceError
+from cytopretrain.core.imageio import ZProjection
 from cytopretrain.core.schema import CANONICAL_FIELDS, LABEL_COLUMNS, MICROSCOPY_VALUES
 from cytopretrain.curation.sources.base import AdapterResult
 
@@ -28,6 +38,8 @@ ADAPTERS = ("bbbc021", "rxrx1", "hpa", "cyclops", "coos7", "synthetic", "folder"
 
 # Marks an option that has no default and must be given in the config.
 REQUIRED = object()
+# Options of every adapter; standardize (not the adapter) applies them to the images.
+COMMON_OPTIONS = {"z_projection": None}
 
 # Columns an adapter derives itself; options may not set them.
 DERIVED_COLUMNS = ("idx", "name", "dir_name", "path", "filename", "channels", "channel_paths")
@@ -38,6 +50,20 @@ Adapter = Callable[[Path, str, dict], AdapterResult]
 
 def get_adapter(name: str) -> Adapter:
     """The ``adapt`` function of adapter ``name``."""
+    return _adapter_module(name).adapt
+
+
+def validate_options(name: str, source: str, options: dict | None) -> dict:
+    """Adapter ``name``'s options for config source ``source``, with defaults, each checked
+    without reading a file (unknown or missing keys and bad values raise SourceError naming
+    ``sources.<source>.options.<key>``)."""
+    module = _adapter_module(name)
+    if hasattr(module, "check_options"):
+        return module.check_options(source, dict(options or {}))
+    return resolve_options(options, module.DEFAULTS, source)
+
+
+def _adapter_module(name: str):
     if name not in ADAPTERS:
         raise SourceError(f"unknown adapter {name!r}; known adapters: {', '.join(ADAPTERS)}")
     module_name = f"cytopretrain.curation.sources.{name}"
@@ -47,7 +73,7 @@ def get_adapter(name: str) -> Adapter:
         if exc.name != module_name:
             raise
         raise SourceError(f"adapter {name!r} is registered but its module {module_name} is not installed") from None
-    return module.adapt
+    return module
 
 
 def run_adapter(name: str, root: str | Path, source: str, options: dict | None) -> AdapterResult:
@@ -55,7 +81,7 @@ def run_adapter(name: str, root: str | Path, source: str, options: dict | None) 
     adapt = get_adapter(name)
     root = Path(root)
     if not root.is_dir():
-        raise SourceError(f"sources.{source}: source folder not found: {root}")
+        raise SourceError(folder_problem(root, f"sources.{source}"))
     start = time.perf_counter()
     result = adapt(root, source, dict(options or {}))
     log.info(
@@ -70,23 +96,36 @@ def run_adapter(name: str, root: str | Path, source: str, options: dict | None) 
     return result
 
 
+def folder_problem(root: Path, key: str) -> str:
+    """Why ``root`` is not a source folder (it does not exist, or is a file), naming config ``key``."""
+    if root.exists():
+        return f"config key '{key}': {root} is a file, not a folder; give the folder holding the source's files"
+    return f"config key '{key}': {root} does not exist; give the folder holding the source's files"
+
+
 def option_key(source: str, key: str) -> str:
     return f"sources.{source}.options.{key}"
 
 
 def resolve_options(options: dict | None, defaults: dict[str, Any], source: str) -> dict[str, Any]:
-    """``defaults`` updated with ``options``; unknown or missing required keys raise SourceError."""
+    """``defaults`` (plus COMMON_OPTIONS) updated with ``options``; unknown or missing required
+    keys and a bad z_projection raise SourceError."""
     options = dict(options or {})
+    defaults = {**COMMON_OPTIONS, **defaults}
     unknown = sorted(set(options) - set(defaults))
     if unknown:
         raise SourceError(
-            f"unknown option {option_key(source, unknown[0])}; "
-            f"this adapter accepts: {', '.join(sorted(defaults)) or 'no options'}"
+            f"config key '{option_key(source, unknown[0])}': unknown option; "
+            f"this adapter accepts: {', '.join(sorted(defaults))}"
         )
     merged = {**defaults, **options}
     missing = [key for key, value in merged.items() if value is REQUIRED]
     if missing:
-        raise SourceError(f"missing required option {option_key(source, missing[0])}")
+        raise SourceError(f"config key '{option_key(source, missing[0])}': missing required option")
+    try:
+        ZProjection.parse(merged["z_projection"])
+    except ValueError as exc:
+        raise SourceError(f"config key '{option_key(source, 'z_projection')}': {exc}") from None
     return merged
 
 
@@ -161,9 +200,17 @@ def apply_constants(frame: pd.DataFrame, constants: dict[str, Any]) -> pd.DataFr
 
 
 def targeted(genes: pd.Series) -> pd.Series:
-    """Gene values with CytoImageNet's " targeted" suffix (added once, empty values stay empty)."""
+    """Gene values with CytoImageNet's " targeted" suffix on each ``|``-separated label (added
+    once; empty values stay empty): ``a|b`` becomes ``a targeted|b targeted``, the two labels
+    curation.labels splits it into, not ``a`` and ``b targeted``."""
     genes = genes.astype("string").fillna("").str.strip()
-    needs = (genes != "") & ~genes.str.lower().str.endswith(" targeted")
+    several = genes.str.contains("|", regex=False)
+    if several.any():
+        tokens = genes[several].str.split("|").explode().str.strip()
+        tokens = targeted(tokens[tokens != ""]).astype("string")
+        genes = genes.copy()
+        genes[several] = tokens.groupby(level=0).agg("|".join).reindex(genes.index[several], fill_value="")
+    needs = (genes != "") & ~several & ~genes.str.lower().str.endswith(" targeted")
     return genes.where(~needs, genes + " targeted").astype(object)
 
 

@@ -10,7 +10,8 @@ phenotype = the MOA of (compound, concentration), concentrations compared with a
 tolerance; treatments without an MOA annotation keep phenotype "" (the MOA table covers 103
 treatments plus DMSO). batch = the plate's ``WeekN`` prefix.
 
-Options: path_style (basename | full), constants.
+Options: path_style (basename | full), constants, z_projection (max | mean | pick:<index>: how
+TIFF stacks become one plane, see curation.sources).
 """
 
 from __future__ import annotations
@@ -43,10 +44,19 @@ RELATIVE_TOLERANCE = 1e-6
 DEFAULTS = {"path_style": "basename", "constants": {}}
 
 
-def adapt(root: Path, source: str, options: dict) -> AdapterResult:
+def check_options(source: str, options: dict) -> dict:
+    """The options with their defaults, each checked; reads no file, so the config check runs it."""
     opts = resolve_options(options, DEFAULTS, source)
-    path_style = check_choice(opts["path_style"], ("basename", "full"), source, "path_style")
-    constants = check_constants(opts["constants"], source)
+    return {
+        **opts,
+        "path_style": check_choice(opts["path_style"], ("basename", "full"), source, "path_style"),
+        "constants": check_constants(opts["constants"], source),
+    }
+
+
+def adapt(root: Path, source: str, options: dict) -> AdapterResult:
+    opts = check_options(source, options)
+    path_style, constants = opts["path_style"], opts["constants"]
     image_csv = _image_table_path(root)
     images = read_csv_table(image_csv, IMAGE_COLUMNS)
     moa_csv = require_file(root / "BBBC021_v1_moa.csv", f"sources.{source}: BBBC021 MOA table")

@@ -16,16 +16,15 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from cytopretrain.core.errors import SourceError
+from cytopretrain.curation.sources import resolve_options
 from cytopretrain.curation.sources.base import AdapterResult, finish, require_file
 
-OPTIONS = {"file"}
+DEFAULTS = {"file": "metadata.parquet"}
 
 
 def adapt(root: Path, source: str, options: dict) -> AdapterResult:
-    unknown = set(options) - OPTIONS
-    if unknown:
-        raise SourceError(f"sources.{source}.options.{sorted(unknown)[0]}: unknown option for adapter canonical")
-    path = require_file(Path(root) / options.get("file", "metadata.parquet"), "canonical metadata table")
+    opts = resolve_options(options, DEFAULTS, source)
+    path = require_file(Path(root) / opts["file"], "canonical metadata table")
     if path.suffix == ".parquet":
         table = pq.read_table(path)
     elif path.suffix in (".csv", ".tsv"):

@@ -8,6 +8,7 @@ Options:
     splits       split folders read (default train, test1..test4); a missing one is logged,
                  none found is an error
     extensions, constants
+    z_projection max | mean | pick:<index>: how TIFF stacks become one plane (curation.sources)
 phenotype = the localization (lowercase, "_" read as a space), split = the split folder.
 """
 
@@ -34,11 +35,20 @@ DEFAULTS = {
 }
 
 
-def adapt(root: Path, source: str, options: dict) -> AdapterResult:
+def check_options(source: str, options: dict) -> dict:
+    """The options with their defaults, each checked; reads no file, so the config check runs it."""
     opts = resolve_options(options, DEFAULTS, source)
-    splits = check_str_list(opts["splits"], source, "splits")
-    constants = check_constants(opts["constants"], source)
-    extensions = check_extensions(opts["extensions"], source)
+    return {
+        **opts,
+        "splits": check_str_list(opts["splits"], source, "splits"),
+        "constants": check_constants(opts["constants"], source),
+        "extensions": check_extensions(opts["extensions"], source),
+    }
+
+
+def adapt(root: Path, source: str, options: dict) -> AdapterResult:
+    opts = check_options(source, options)
+    splits, constants, extensions = opts["splits"], opts["constants"], opts["extensions"]
 
     present = [s for s in splits if (root / s).is_dir()]
     absent = [s for s in splits if s not in present]

@@ -14,6 +14,7 @@ Options:
     gene_pattern   optional regex with a named group ``gene`` applied to the sample's file name;
                    the match fills ``gene`` (+ " targeted") besides the category label
     extensions, constants
+    z_projection max | mean | pick:<index>: how TIFF stacks become one plane (curation.sources)
 Labels are compared case-insensitively; stored labels are lowercase with "_" read as a space.
 """
 
@@ -51,16 +52,28 @@ DEFAULTS = {
 }
 
 
-def adapt(root: Path, source: str, options: dict) -> AdapterResult:
+def check_options(source: str, options: dict) -> dict:
+    """The options with their defaults, each checked; reads no file, so the config check runs it."""
     opts = resolve_options(options, DEFAULTS, source)
-    category = check_label_column(opts["category"], source, "category")
-    label_from = check_choice(opts["label_from"], ("folder", "filename"), source, "label_from")
-    drop = {label.upper() for label in check_str_list(opts["drop_labels"], source, "drop_labels", allow_empty=True)}
-    merge = {
-        str(k).upper(): str(v).upper() for k, v in check_mapping(opts["merge_labels"], source, "merge_labels").items()
+    drop = check_str_list(opts["drop_labels"], source, "drop_labels", allow_empty=True)
+    merge = check_mapping(opts["merge_labels"], source, "merge_labels")
+    if opts["gene_pattern"]:
+        check_pattern(opts["gene_pattern"], "gene", source, "gene_pattern")
+    return {
+        **opts,
+        "category": check_label_column(opts["category"], source, "category"),
+        "label_from": check_choice(opts["label_from"], ("folder", "filename"), source, "label_from"),
+        "drop_labels": {label.upper() for label in drop},
+        "merge_labels": {str(k).upper(): str(v).upper() for k, v in merge.items()},
+        "constants": check_constants(opts["constants"], source),
+        "extensions": check_extensions(opts["extensions"], source),
     }
-    constants = check_constants(opts["constants"], source)
-    extensions = check_extensions(opts["extensions"], source)
+
+
+def adapt(root: Path, source: str, options: dict) -> AdapterResult:
+    opts = check_options(source, options)
+    category, label_from, drop, merge = opts["category"], opts["label_from"], opts["drop_labels"], opts["merge_labels"]
+    constants, extensions = opts["constants"], opts["extensions"]
 
     samples = channel_samples(scan_files(root, depth=1), CHANNELS.keys, extensions, f"sources.{source} ({root})")
     if samples.empty:

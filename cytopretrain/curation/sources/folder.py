@@ -15,6 +15,8 @@ Options (``sources.<name>.options``):
     organism, cell_type, database   fixed metadata ("", "", "local")
     constants      other fixed metadata {column: value}
     extensions     file extensions read (case-insensitive)
+    z_projection   max | mean | pick:<index>: how a TIFF stack (e.g. a confocal Z-stack per
+                   channel file) becomes one plane; unset, stacks are quarantined as ``stack``
 
 A sample missing some channels is set aside as ``incomplete_channels``. Files with an unknown
 channel suffix or another extension, and files outside ``<label folder>/``, are ignored and
@@ -289,16 +291,30 @@ def folder_labels(rel: pd.Series, label_pattern: str | None, source: str) -> pd.
     return rel.map(dict(zip(folders, labels, strict=True))).astype(object)
 
 
-def adapt(root: Path, source: str, options: dict) -> AdapterResult:
+def check_options(source: str, options: dict) -> dict:
+    """The options with their defaults, each checked; reads no file, so the config check runs it."""
     opts = resolve_options(options, DEFAULTS, source)
     keys = tuple(check_str_list(opts["channels"], source, "channels"))
     names = tuple(check_str_list(opts["channel_names"] or list(keys), source, "channel_names"))
     if len(names) != len(keys):
         raise SourceError(f"{option_key(source, 'channel_names')} must name each of the {len(keys)} channels")
-    category = check_label_column(opts["category"], source, "category")
-    microscopy = check_microscopy(opts["microscopy"], source)
-    constants = check_constants(opts["constants"], source)
-    extensions = check_extensions(opts["extensions"], source)
+    if opts["label_pattern"]:
+        check_pattern(opts["label_pattern"], "label", source, "label_pattern")
+    return {
+        **opts,
+        "channels": keys,
+        "channel_names": names,
+        "category": check_label_column(opts["category"], source, "category"),
+        "microscopy": check_microscopy(opts["microscopy"], source),
+        "constants": check_constants(opts["constants"], source),
+        "extensions": check_extensions(opts["extensions"], source),
+    }
+
+
+def adapt(root: Path, source: str, options: dict) -> AdapterResult:
+    opts = check_options(source, options)
+    keys, names, category = opts["channels"], opts["channel_names"], opts["category"]
+    microscopy, constants, extensions = opts["microscopy"], opts["constants"], opts["extensions"]
 
     files = scan_files(root, depth=1)
     samples = channel_samples(files, keys, extensions, f"sources.{source} ({root})")

@@ -16,7 +16,7 @@ Channels are ordered protein (green), nucleus (blue), microtubules (red), er (ye
 
 Options: layout, colors (default all four for kaggle, [green, blue, red] for cells),
 csv (kaggle, default train.csv), images (kaggle, default train), only_present, extensions,
-constants.
+constants, z_projection (max | mean | pick:<index>; how TIFF stacks become one plane, see curation.sources).
 """
 
 from __future__ import annotations
@@ -94,20 +94,32 @@ DEFAULTS = {
 }
 
 
-def adapt(root: Path, source: str, options: dict) -> AdapterResult:
+def check_options(source: str, options: dict) -> dict:
+    """The options with their defaults, each checked; reads no file, so the config check runs it."""
     opts = resolve_options(options, DEFAULTS, source)
     layout = check_choice(opts["layout"], ("kaggle", "cells"), source, "layout")
     colors = check_str_list(opts["colors"] or DEFAULT_COLORS[layout], source, "colors")
     for color in colors:
         check_choice(color, tuple(COLORS), source, "colors")
+    return {
+        **opts,
+        "layout": layout,
+        "colors": colors,
+        "extensions": check_extensions(opts["extensions"], source),
+        "constants": check_constants(opts["constants"], source),
+    }
+
+
+def adapt(root: Path, source: str, options: dict) -> AdapterResult:
+    opts = check_options(source, options)
+    layout, colors = opts["layout"], opts["colors"]
     ordered = [c for c in COLORS if c in colors]
     channels = Channels(
         keys=tuple(ordered),
         names=tuple(COLORS[c][0] for c in ordered),
         visible=tuple(COLORS[c][1] for c in ordered),
     )
-    extensions = check_extensions(opts["extensions"], source)
-    constants = check_constants(opts["constants"], source)
+    extensions, constants = opts["extensions"], opts["constants"]
     common = {"database": "human protein atlas", "organism": "human", "microscopy": "fluorescence"}
     if layout == "cells":
         listing = _cells_listing(root, channels, extensions, source)

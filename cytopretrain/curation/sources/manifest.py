@@ -15,6 +15,8 @@ Options:
     microscopy       fluorescence (default) or brightfield, unless mapped in ``columns``
     database         default "local"
     constants        other fixed metadata {column: value}
+    z_projection     max | mean | pick:<index>: how a TIFF stack becomes one plane (a ZCYX
+                     path_column file keeps its channels); unset, stacks are ``stack``
 Relative file paths are relative to the manifest's folder. A row with an empty file cell is an
 issue (``missing_files`` or ``incomplete_channels``); the row number is the id.
 """
@@ -53,14 +55,26 @@ DEFAULTS = {
 }
 
 
-def adapt(root: Path, source: str, options: dict) -> AdapterResult:
+def check_options(source: str, options: dict) -> dict:
+    """The options with their defaults, each checked; reads no file, so the config check runs it."""
     opts = resolve_options(options, DEFAULTS, source)
-    columns = _check_columns(opts["columns"], source)
-    constants = check_constants(opts["constants"], source)
-    microscopy = check_microscopy(opts["microscopy"], source)
+    file_columns, channels = _channel_layout(opts, source)
+    return {
+        **opts,
+        "columns": _check_columns(opts["columns"], source),
+        "constants": check_constants(opts["constants"], source),
+        "microscopy": check_microscopy(opts["microscopy"], source),
+        "file_columns": file_columns,
+        "layout": channels,
+    }
+
+
+def adapt(root: Path, source: str, options: dict) -> AdapterResult:
+    opts = check_options(source, options)
+    columns, constants, microscopy = opts["columns"], opts["constants"], opts["microscopy"]
+    file_columns, channels = opts["file_columns"], opts["layout"]
     manifest_path = require_file(root / opts["file"], f"sources.{source}: manifest")
     manifest = _read_manifest(manifest_path)
-    file_columns, channels = _channel_layout(opts, source)
     for column in dict.fromkeys([*columns.values(), *file_columns]):
         if column not in manifest:
             raise SourceError(f"{manifest_path}: missing column {column!r} (named in sources.{source}.options)")

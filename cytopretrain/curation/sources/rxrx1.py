@@ -69,12 +69,22 @@ DEFAULTS = {
 }
 
 
-def adapt(root: Path, source: str, options: dict) -> AdapterResult:
+def check_options(source: str, options: dict) -> dict:
+    """The options with their defaults, each checked; reads no file, so the config check runs it."""
     opts = resolve_options(options, DEFAULTS, source)
-    incomplete = check_choice(opts["incomplete_sites"], ("quarantine", "keep"), source, "incomplete_sites")
-    sites = _check_sites(opts["sites"], source)
-    extensions = check_extensions(opts["extensions"], source)
-    constants = check_constants(opts["constants"], source)
+    return {
+        **opts,
+        "incomplete_sites": check_choice(opts["incomplete_sites"], ("quarantine", "keep"), source, "incomplete_sites"),
+        "sites": _check_sites(opts["sites"], source),
+        "extensions": check_extensions(opts["extensions"], source),
+        "constants": check_constants(opts["constants"], source),
+    }
+
+
+def adapt(root: Path, source: str, options: dict) -> AdapterResult:
+    opts = check_options(source, options)
+    incomplete, sites = opts["incomplete_sites"], opts["sites"]
+    extensions, constants = opts["extensions"], opts["constants"]
 
     if (root / "train.csv").is_file():
         metadata, image_dirs = _kaggle_metadata(root, sites), {s: root / s for s in ("train", "test")}

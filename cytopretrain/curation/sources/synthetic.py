@@ -18,9 +18,11 @@ import pandas as pd
 
 from cytopretrain.core.errors import SourceError
 from cytopretrain.core.schema import MICROSCOPY_VALUES
+from cytopretrain.curation.sources import resolve_options
 from cytopretrain.curation.sources.base import AdapterResult, finish, require_file
 
 METADATA_FILE = "metadata.csv"
+DEFAULTS: dict = {}  # only the options every adapter takes
 NATIVE_COLUMNS = (
     "image_id",
     "files",
@@ -57,8 +59,7 @@ MULTIPAGE_SUFFIXES = (".tif", ".tiff")
 
 def adapt(root: Path, source: str, options: dict) -> AdapterResult:
     """Read ``root/metadata.csv`` into the canonical schema (idx ``<source>-<row>``)."""
-    if options:
-        raise SourceError(f"source {source!r}: the synthetic adapter takes no options, got {sorted(options)}")
+    resolve_options(options, DEFAULTS, source)
     root = Path(root).resolve()
     metadata = require_file(root / METADATA_FILE, "synthetic metadata")
     header, rows = _read_rows(metadata)
