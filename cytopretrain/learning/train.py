@@ -497,6 +497,9 @@ class Trainer:
         restore_rng(saved, self.generator)
         sums, count = sum_over_ranks(sums, count, self.runtime)
         record = {f"val_{key}": value / count for key, value in sums.items()}
+        # A rank of a small split may hold no validation crop: it still joins the gather.
+        if not features:
+            return {**record, **self._monitor_values(torch.empty(0), torch.empty(0, dtype=torch.long))}
         return {**record, **self._monitor_values(torch.cat(features), torch.cat(labels))}
 
     def _monitor_values(self, features: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
@@ -504,7 +507,8 @@ class Trainer:
         if self.runtime.world_size > 1:
             every: list = [None] * self.runtime.world_size
             dist.all_gather_object(every, (features, labels))
-            features, labels = torch.cat([f for f, _ in every]), torch.cat([y for _, y in every])
+            held = [(f, y) for f, y in every if len(f)]
+            features, labels = torch.cat([f for f, _ in held]), torch.cat([y for _, y in held])
         values = {"val_embedding_std": embedding_std(features)}
         accuracy = knn_accuracy(features.numpy(), labels.numpy())
         if accuracy is not None:
