@@ -60,3 +60,17 @@ def test_bbbc021_profiles_experiment_plans_only_its_evaluation(tmp_path):
         "all": "1",
         "total": "6",
     }
+
+
+def test_dino_vit_experiment_sits_beside_cytoimagenet_on_the_same_shards():
+    dino = yaml.safe_load((REPO / "config" / "experiments" / "dino_vit.yaml").read_text())
+    reference = yaml.safe_load((REPO / "config" / "experiments" / "cytoimagenet.yaml").read_text())
+    # Same sources, curation, shards, features and benchmarks: only the training runs differ.
+    assert {key: value for key, value in dino.items() if key != "training"} == {
+        key: value for key, value in reference.items() if key != "training"
+    }
+    runs = dino["training"]["runs"]
+    assert runs["cytoimagenet"] == reference["training"]["runs"]["cytoimagenet"]
+    run = runs["dino_vit_s16"]
+    assert (run["method"], run["backbone"], run["image_size"]) == ("dino", "vit_small_patch16", 224)
+    assert (run["method_options"]["global_size"], run["method_options"]["local_size"]) == (224, 96)
