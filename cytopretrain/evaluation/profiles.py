@@ -94,6 +94,7 @@ PROFILE_DEFAULTS = {
     "k": 11,
     "map": {},
     "replicate_map": {},
+    "clustering": {},
 }
 
 
