@@ -21,6 +21,7 @@ clusters, failures = own_clusters(
     device=snakemake.params.device,
     precision=settings["precision"],
     num_workers=settings["num_workers"],
+    z_projection=snakemake.params.z_projection,
 )
 write_table(clusters, snakemake.output.clusters)
 log.info(

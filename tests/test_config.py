@@ -62,6 +62,10 @@ def test_minimal_config_gets_cytoimagenet_thresholds():
             "training.runs.autoencoder.method_options.n_clusters",
         ),
         (lambda c: c["benchmarks"]["cyclops_demo"].update(clustering={"k": 3}), "benchmarks.cyclops_demo.clustering.k"),
+        (
+            lambda c: c["training"]["runs"]["autoencoder"].update(method="dec", method_options={"n_clusters": 4}),
+            "training.runs.autoencoder.method_options.pretrain_steps",
+        ),
     ],
 )
 def test_errors_name_the_key(demo_config, mutate, key):

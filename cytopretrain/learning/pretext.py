@@ -1071,8 +1071,8 @@ class DEC(Autoencoder):
         self,
         backbone: Backbone,
         *,
-        n_clusters: int | None = None,
-        pretrain_steps: int | None = None,
+        n_clusters: int,
+        pretrain_steps: int,
         update_interval: int = 140,
         tol: float = 0.001,
         alpha: float = 1.0,
@@ -1083,10 +1083,6 @@ class DEC(Autoencoder):
         loss: str = "mse",
     ) -> None:
         super().__init__(backbone, latent_dim=latent_dim, image_size=image_size, loss=loss)
-        if n_clusters is None:
-            raise ValueError("dec needs option n_clusters (how many clusters to find, e.g. the number of cell types)")
-        if pretrain_steps is None:
-            raise ValueError("dec needs option pretrain_steps (autoencoder steps before the clustering stage)")
         self.n_clusters = _positive_int("n_clusters", n_clusters)
         if self.n_clusters < 2:
             raise ValueError(f"option n_clusters must be at least 2, got {n_clusters!r}")
@@ -1248,11 +1244,17 @@ def method_options(name: str) -> tuple[str, ...]:
     return tuple(p for p in parameters if p not in ("backbone", "n_classes"))
 
 
+def required_options(name: str) -> tuple[str, ...]:
+    """The options method ``name`` has no default for (DEC's n_clusters and pretrain_steps)."""
+    parameters = inspect.signature(METHODS[name]).parameters
+    return tuple(p for p in method_options(name) if parameters[p].default is inspect.Parameter.empty)
+
+
 def build_method(name: str, backbone: Backbone, *, n_classes: int | None = None, **options) -> PretextMethod:
     """The pretext method ``name`` around ``backbone``.
 
     ``n_classes`` (number of weak labels) is required by weak_label and ignored by the other
-    methods, so a loop may pass it always. Unknown options raise ValueError naming them.
+    methods, so a loop may pass it always. Unknown or missing options raise ValueError naming them.
     """
     allowed = method_options(name)
     unknown = sorted(set(options) - set(allowed))
@@ -1261,6 +1263,9 @@ def build_method(name: str, backbone: Backbone, *, n_classes: int | None = None,
             f"unknown option(s) {', '.join(unknown)} for pretext method {name!r}; "
             f"allowed: {', '.join(allowed) or 'none'}"
         )
+    missing = [option for option in required_options(name) if option not in options]
+    if missing:
+        raise ValueError(f"pretext method {name!r} needs option(s) {', '.join(missing)}")
     if METHODS[name].needs_labels:
         return METHODS[name](backbone, n_classes, **options)
     return METHODS[name](backbone, **options)

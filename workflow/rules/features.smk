@@ -65,5 +65,8 @@ rule assign_clusters:
     params:
         features=FEATURES,
         device=config["training"]["device"],
+        z_projection=lambda wildcards: get_z_projections().get(
+            BENCHMARKS[wildcards.benchmark]["source"]
+        ),
     script:
         "../../scripts/assign_clusters.py"
