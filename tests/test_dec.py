@@ -16,6 +16,10 @@ from cell_images import YEAST, yeast_cell_images
 from shard_builders import write_shard_set
 
 from cytopretrain.curation.shards import load_index
+from cytopretrain.curation.sources import run_adapter
+from cytopretrain.evaluation.evaluate import evaluate_benchmark
+from cytopretrain.evaluation.features import extract_features, own_clusters
+from cytopretrain.evaluation.profile_tables import feature_columns
 from cytopretrain.learning import train
 from cytopretrain.learning.checkpoints import read_metrics
 from cytopretrain.learning.models import build_backbone
@@ -232,3 +236,31 @@ def test_pretrain_steps_must_leave_a_clustering_stage(shard_dir, tmp_path):
     settings = {**RUN, "method_options": {**RUN["method_options"], "pretrain_steps": 13}}
     with pytest.raises(ValueError, match="pretrain_steps"):
         train.train(settings, shard_dir, tmp_path)
+
+
+def test_own_clusters_of_benchmark_images_are_scored(shard_dir, reference):
+    """The assign_clusters rule's path: the trained run from method.pt and its card, each yeast
+    benchmark image through the backbone (merged grey, as extract_features), the latent layer
+    and the soft assignment; then the clustering protocol scores those clusters beside k-means."""
+    out = reference["out"]
+    method, card = train.load_trained_method(out / "method.pt", out / "model_card.json")
+    table = run_adapter("cyclops", YEAST, "yeast_toy", {}).table
+    table = table.iloc[np.linspace(0, len(table) - 1, 24).astype(int)].reset_index(drop=True)
+    options = {"channel_mode": "concat", "normalize": True, "resize": 32, "batch_size": 8, "device": "cpu"}
+    clusters, failures = own_clusters(table, method, **options)
+    assert failures.empty and len(clusters) == len(table)
+    profiles, _ = extract_features(table, method.backbone, **{**options, "channel_mode": "merge"})
+    with torch.no_grad():
+        q = soft_assignment(
+            method.to_latent(torch.tensor(profiles[feature_columns(profiles)].to_numpy(np.float32))),
+            method.centres,
+            method.alpha,
+        )
+    assert clusters["cluster"].tolist() == q.argmax(dim=1).tolist()
+    assert np.allclose(clusters["confidence"], q.max(dim=1).values.numpy(), atol=1e-5)
+    record, _ = evaluate_benchmark(
+        profiles, {"source": "yeast", "protocols": ["clustering"]}, "yeast", card["method"], clusters=clusters
+    )
+    own = record["results"]["clustering"]["own"]
+    assert own["n"] == 24 and own["n_unassigned"] == 0
+    assert np.array(own["contingency"]["matrix"]).sum() == 24

@@ -369,7 +369,7 @@ def own_clusters(table: pd.DataFrame, method, **options) -> tuple[pd.DataFrame, 
     layer and soft assignment. ``options`` are those of extract_features. Returns
     (Metadata_idx, cluster, confidence) per image with features, and the failures."""
     profiles, failures = extract_features(table, method.backbone, **{**options, "channel_mode": "merge"})
-    features = torch.from_numpy(profiles[feature_columns(profiles)].to_numpy(np.float32))
+    features = torch.tensor(profiles[feature_columns(profiles)].to_numpy(np.float32))
     cluster = confidence = torch.zeros(0)
     if len(profiles):
         with torch.inference_mode():
