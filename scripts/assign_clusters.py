@@ -1,7 +1,7 @@
 """Rule assign_clusters: a clustering run's (DEC) own cluster of every image of one benchmark."""
 
 import torch
-from _workflow import setup_logging
+from _workflow import extraction_options, setup_logging
 
 from cytopretrain.core.tables import read_table, write_table
 from cytopretrain.evaluation.features import own_clusters
@@ -10,19 +10,8 @@ from cytopretrain.learning.train import load_trained_method
 log = setup_logging(snakemake)
 torch.set_num_threads(snakemake.threads)
 method, card = load_trained_method(snakemake.input.method, snakemake.input.card)
-settings = snakemake.params.features
 table = read_table(snakemake.input.table)
-clusters, failures = own_clusters(
-    table,
-    method,
-    normalize=settings["normalize"],
-    resize=settings["resize"],
-    batch_size=settings["batch_size"],
-    device=snakemake.params.device,
-    precision=settings["precision"],
-    num_workers=settings["num_workers"],
-    z_projection=snakemake.params.z_projection,
-)
+clusters, failures = own_clusters(table, method, **extraction_options(snakemake))
 write_table(clusters, snakemake.output.clusters)
 log.info(
     "%s / %s: %d images in %d clusters, %d without features (%s)",
