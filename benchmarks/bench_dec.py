@@ -14,7 +14,7 @@ clustering protocol's NMI, ARI and unsupervised accuracy, each with its random-l
 - ``dec_backbone kmeans``: k-means on the z-scored pooled features of the trained backbone.
 
 The run is trained in two calls (stopped at ``pretrain_steps``, then resumed), as a killed
-job would be. Run it niced, alone: about 10 minutes on 2 cores.
+job would be. Figures and timing: benchmarks/README.md, "bench_dec".
 
     python benchmarks/bench_dec.py [--steps 600] [--pretrain-steps 300] [--latent-dim 10] ...
 """
