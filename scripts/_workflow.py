@@ -29,3 +29,14 @@ def setup_logging(snakemake) -> logging.Logger:
 
     sys.excepthook = log_uncaught
     return logger
+
+
+def extraction_options(snakemake) -> dict:
+    """extract_features' options (evaluation.features.ExtractionOptions) from a rule's params:
+    the ``features`` section, the ``device`` and the benchmark source's ``z_projection``."""
+    settings = snakemake.params.features
+    return {
+        **{k: settings[k] for k in ("channel_mode", "normalize", "resize", "batch_size", "precision", "num_workers")},
+        "device": snakemake.params.device,
+        "z_projection": snakemake.params.z_projection,
+    }

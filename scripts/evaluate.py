@@ -13,6 +13,7 @@ record, embedding = evaluate_benchmark(
     snakemake.params.benchmark,
     snakemake.wildcards.benchmark,
     snakemake.wildcards.model,
+    clusters=read_table(snakemake.input.clusters) if "clusters" in snakemake.input.keys() else None,
 )
 with atomic_path(snakemake.output.result) as tmp:
     tmp.write_text(json.dumps(record, indent=1, default=float))

@@ -1,7 +1,7 @@
 """Rule extract_features: one model's features for every image of one benchmark."""
 
 import torch
-from _workflow import setup_logging
+from _workflow import extraction_options, setup_logging
 
 from cytopretrain.core.tables import read_table, write_table
 from cytopretrain.evaluation.features import extract_features_to_parquet, random_init_backbone
@@ -10,7 +10,6 @@ from cytopretrain.learning.models import build_backbone
 log = setup_logging(snakemake)
 torch.set_num_threads(snakemake.threads)
 spec = snakemake.params.model
-settings = snakemake.params.features
 if spec["weights"]:
     backbone = build_backbone(
         spec["backbone"], in_channels=spec["in_channels"], weights=spec["weights"], pool=spec["pool"]
@@ -21,18 +20,7 @@ else:
     )
 table = read_table(snakemake.input.table)
 failures = extract_features_to_parquet(
-    table,
-    backbone,
-    snakemake.output.profiles,
-    channel_mode=settings["channel_mode"],
-    normalize=settings["normalize"],
-    resize=settings["resize"],
-    batch_size=settings["batch_size"],
-    device=snakemake.params.device,
-    precision=settings["precision"],
-    input_norm=spec["input_norm"],
-    num_workers=settings["num_workers"],
-    z_projection=snakemake.params.z_projection,
+    table, backbone, snakemake.output.profiles, **extraction_options(snakemake), input_norm=spec["input_norm"]
 )
 write_table(failures, snakemake.output.failures)
 log.info(

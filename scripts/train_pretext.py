@@ -31,16 +31,10 @@ else:
     result = train(settings, shards_dir, work_dir, device=snakemake.params.device, resume=True)
 if not result["finished"]:
     raise RuntimeError(f"training stopped at step {result['step']} of {settings['steps']}")
-# The declared outputs are copied last, so a killed job leaves only checkpoints behind.
-sources = {
-    "backbone": "backbone.pt",
-    "best_backbone": "best_backbone.pt",
-    "method": "method.pt",
-    "metrics": "metrics.jsonl",
-    "card": "model_card.json",
-}
-for name, file_name in sources.items():
-    shutil.copyfile(work_dir / file_name, snakemake.output[name])
+# The declared outputs (each named as the training writes it) are copied last, so a killed job
+# leaves only checkpoints behind.
+for output in snakemake.output:
+    shutil.copyfile(work_dir / Path(output).name, output)
 if processes > 1:  # the ranks logged to the job's stderr: repeat the monitors' warnings here
     for warning in result["warnings"]:
         log.warning("%s", warning)

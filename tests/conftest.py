@@ -78,3 +78,12 @@ def tiny_model(real_cell_shards, tmp_path_factory) -> Path:
     finally:
         torch.set_num_threads(threads)
     return out
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """torch on one thread for a module's tests (bitwise-equal reruns), restored afterwards."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -57,6 +57,15 @@ def test_minimal_config_gets_cytoimagenet_thresholds():
             lambda c: c["training"]["runs"]["weak_label"].update(gpus=1, processes=2),
             "training.runs.weak_label.processes",
         ),
+        (
+            lambda c: c["training"]["runs"]["autoencoder"]["method_options"].update(n_clusters=4),
+            "training.runs.autoencoder.method_options.n_clusters",
+        ),
+        (lambda c: c["benchmarks"]["cyclops_demo"].update(clustering={"k": 3}), "benchmarks.cyclops_demo.clustering.k"),
+        (
+            lambda c: c["training"]["runs"]["autoencoder"].update(method="dec", method_options={"n_clusters": 4}),
+            "training.runs.autoencoder.method_options.pretrain_steps",
+        ),
     ],
 )
 def test_errors_name_the_key(demo_config, mutate, key):
@@ -116,6 +125,7 @@ def library_defaults() -> dict[str, object]:
     from cytopretrain.evaluation.features import ExtractionOptions
     from cytopretrain.evaluation.outliers import score_crops
     from cytopretrain.evaluation.profiles import PROFILE_DEFAULTS
+    from cytopretrain.evaluation.protocols import clustering
     from cytopretrain.evaluation.protocols.mean_ap import SIGNIFICANCE_DEFAULTS
     from cytopretrain.learning.checkpoints import backbone_file
     from cytopretrain.learning.models import build_backbone
@@ -167,18 +177,23 @@ def library_defaults() -> dict[str, object]:
             f"features.{k}": extraction[k]
             for k in ("channel_mode", "normalize", "resize", "batch_size", "precision", "num_workers")
         },
-        **{f"benchmarks.*.{k}": v for k, v in BENCHMARK_DEFAULTS.items() if k != "map"},
+        **{f"benchmarks.*.{k}": v for k, v in BENCHMARK_DEFAULTS.items() if k not in ("map", "clustering")},
         **{
             f"{section}.map.{k}": v
             for section in ("benchmarks.*", "profiles.*")
             for k, v in SIGNIFICANCE_DEFAULTS.items()
         },
         **{f"profiles.*.replicate_map.{k}": v for k, v in SIGNIFICANCE_DEFAULTS.items()},
+        **{
+            f"{section}.clustering.{k}": v
+            for section in ("benchmarks.*", "profiles.*")
+            for k, v in of(clustering, **{k: k for k in ("n_components", "restarts", "seed")}).items()
+        },
         **of(score_crops, **{"outliers.k": "k", "outliers.min_samples": "min_samples"}),
         **{
             f"profiles.*.{k}": v
             for k, v in PROFILE_DEFAULTS.items()
-            if k not in ("map", "replicate_map") and not (isinstance(v, dict) and v)
+            if k not in ("map", "replicate_map", "clustering") and not (isinstance(v, dict) and v)
         },
         **{
             f"profiles.*.{k}.{sub}": v

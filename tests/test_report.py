@@ -265,7 +265,7 @@ EVALUATIONS = [
         "coos7_demo",
         "weak_label",
         "coos7",
-        ("knn_holdout",),
+        ("knn_holdout", "clustering"),
         lambda: clustered_profiles(4, 15, 3, ["train", "train", "train", "test1", "test2"]),
         True,
     ),
@@ -276,6 +276,7 @@ PROTOCOLS = {
     "knn_loo": lambda p: evaluate.knn_loo(p, label_col="Metadata_phenotype", k=5),
     "knn_holdout": lambda p: evaluate.knn_holdout(p, label_col="Metadata_phenotype", k=5),
     "map": lambda p: evaluate.mean_average_precision(p, label_col="Metadata_phenotype", null_size=1000),
+    "clustering": lambda p: evaluate.clustering(p, label_col="Metadata_phenotype", restarts=3),
 }
 
 
@@ -456,10 +457,13 @@ def test_sections_and_figure_count(built, inputs):
     benchmarks = len({e[0] for e in EVALUATIONS})
     with_map = sum("map" in e[3] for e in EVALUATIONS)
     runs_with_metrics = len(inputs["args"]["cards"])
+    with_clustering = sum("clustering" in e[3] for e in EVALUATIONS)
     # funnel, labels, montage; curves per run; a bar chart per benchmark; embeddings;
-    # confusion matrices; mAP against significance; outlier histogram and montage.
-    expected = 3 + runs_with_metrics + benchmarks + with_embedding + with_confusion + with_map + 2
+    # confusion matrices; mAP against significance; clustering contingency heat maps;
+    # outlier histogram and montage.
+    expected = 3 + runs_with_metrics + benchmarks + with_embedding + with_confusion + with_map + with_clustering + 2
     assert len(page.images) == expected
+    assert [image["alt"] for image in page.images].count("clusters of coos7_demo / weak_label") == 1
 
 
 def test_funnel_and_quarantine_tables(built, inputs):
@@ -500,7 +504,12 @@ def test_montage_notes_short_labels(built, inputs):
 def test_summary_values_are_formatted(built, inputs):
     text = built["text"]
     for record in inputs["records"]:
-        for result in record["results"].values():
+        for protocol, result in record["results"].items():
+            if protocol == "clustering":  # one row per assignment and metric, beside its floor
+                for subset in ("kmeans", "own"):
+                    for score in result.get(subset, {}).get("metrics", {}).values():
+                        assert f"{100 * score['value']:.1f}" in text and f"{100 * score['floor']:.1f} %" in text
+                continue
             parts = [result] + list(result.get("splits", {}).values())
             for part in parts:
                 if "accuracy" in part:
@@ -517,6 +526,11 @@ def test_summary_values_are_formatted(built, inputs):
     )
     coos = summary[(summary["benchmark"] == "coos7_demo") & (summary["subset"] == "test2")]
     assert coos["paper: CytoImageNet"].tolist() == ["89.4 %"]
+    clustering = summary[summary["protocol"] == "clustering"]
+    assert clustering["metric"].tolist() == ["nmi", "ari", "unsupervised_accuracy"]
+    assert (clustering["floor"] != "—").all() and (
+        summary.loc[summary["protocol"] != "clustering", "floor"] == "—"
+    ).all()
     assert set(summary.loc[summary["benchmark"] == "many_labels", "paper: CytoImageNet"]) == {"—"}
 
 

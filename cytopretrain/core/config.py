@@ -150,10 +150,9 @@ def _check_source_options(sources: dict) -> None:
 
 
 def _check_method_options(name: str, run: dict) -> None:
-    """A run's method_options against the option names its pretext method declares."""
-    if not run["method_options"]:
-        return
-    from cytopretrain.learning.pretext import method_options
+    """A run's method_options against the option names its pretext method declares (and those
+    it has no default for)."""
+    from cytopretrain.learning.pretext import method_options, required_options
 
     allowed = method_options(run["method"])
     for option in run["method_options"]:
@@ -161,6 +160,11 @@ def _check_method_options(name: str, run: dict) -> None:
             raise ConfigError(
                 f"config key 'training.runs.{name}.method_options.{option}': unknown option; "
                 f"method {run['method']} accepts: {', '.join(allowed) or 'no options'}"
+            )
+    for option in required_options(run["method"]):
+        if option not in run["method_options"]:
+            raise ConfigError(
+                f"config key 'training.runs.{name}.method_options.{option}': method {run['method']} needs it"
             )
 
 

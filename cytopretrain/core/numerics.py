@@ -1,4 +1,4 @@
-"""Numerics shared by the stages: percentiles of pixel data and the z-score of features.
+"""Numerics shared by the stages: percentiles of pixel data, the z-score of features, k-means.
 
 Percentiles follow ``np.percentile``'s default (linear) method to the bit: the q-th percentile
 of n values sits at rank h = (n - 1) q / 100 between the order statistics k = floor(h) and
@@ -9,6 +9,9 @@ torch.topk near the ends.
 
 z-score: scikit-learn's StandardScaler, in chunks and without copying the whole table to
 float64 (see zscore).
+
+k-means: scikit-learn's, single-threaded so that it is reproducible bit for bit (DEC's
+initial centres, the clustering protocol).
 """
 
 from __future__ import annotations
@@ -111,3 +114,22 @@ def zscore(values: np.ndarray, fit_rows: np.ndarray | None = None, chunk: int = 
     for i in range(0, len(values), chunk):
         out[i : i + chunk] = (values[i : i + chunk] - mean) / scale
     return out
+
+
+def kmeans(values: np.ndarray, n_clusters: int, *, restarts: int = 20, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """k-means of the rows: (labels (n,) int64, centres (n_clusters, d) float64).
+
+    scikit-learn's KMeans (Lloyd, k-means++ seeding, ``restarts`` seeded starts, the one of least
+    inertia kept), on one thread: its multi-threaded reduction adds partial sums in the order
+    the threads finish, so only one thread gives the same centres bit for bit on every run
+    (DEC's exact resume, reproducible evaluations).
+    """
+    from sklearn.cluster import KMeans
+    from threadpoolctl import threadpool_limits
+
+    values = np.asarray(values, dtype=np.float64)
+    if values.ndim != 2 or len(values) < n_clusters:
+        raise ValueError(f"k-means needs a 2-D array of at least {n_clusters} rows, got shape {values.shape}")
+    with threadpool_limits(limits=1):
+        model = KMeans(n_clusters=n_clusters, n_init=restarts, random_state=seed).fit(values)
+    return model.labels_.astype(np.int64), model.cluster_centers_

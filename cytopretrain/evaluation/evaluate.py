@@ -29,6 +29,7 @@ BENCHMARK_DEFAULTS = {
     "perturbation": None,
     "controls": {},
     "map": {},
+    "clustering": {},
 }
 
 
@@ -77,6 +78,10 @@ PROTOCOLS: dict[str, Callable[[pd.DataFrame, str, dict], dict]] = {
     "nn_agreement": lambda profiles, label, benchmark: protocols.nn_agreement(
         profiles, label_col=label, space=benchmark["embedding"]
     ),
+    # The benchmark's ``clustering`` mapping holds the protocol's options (n_components, restarts, seed).
+    "clustering": lambda profiles, label, benchmark: protocols.clustering(
+        profiles, label_col=label, **benchmark["clustering"]
+    ),
 }
 
 
@@ -87,14 +92,21 @@ def run_protocols(profiles: pd.DataFrame, benchmark: dict) -> dict:
     return {name: PROTOCOLS[name](profiles, label, benchmark) for name in benchmark["protocols"]}
 
 
-def evaluate_benchmark(profiles: pd.DataFrame, benchmark: dict, name: str, model: str) -> tuple[dict, pd.DataFrame]:
+def evaluate_benchmark(
+    profiles: pd.DataFrame, benchmark: dict, name: str, model: str, clusters: pd.DataFrame | None = None
+) -> tuple[dict, pd.DataFrame]:
     """The evaluation record of one benchmark x model and its 2-D embedding (idx, label, x, y).
 
     ``profiles`` are sorted by Metadata_idx first, so the record does not depend on the order in
-    which extraction wrote them.
+    which extraction wrote them. ``clusters`` (Metadata_idx, cluster: a model's own assignment of
+    the benchmark's images, learning.pretext.DEC) joins the profiles as CLUSTER_COLUMN, which the
+    clustering protocol scores beside its k-means.
     """
     benchmark = {**BENCHMARK_DEFAULTS, **benchmark, "name": name}
     profiles = profiles.sort_values("Metadata_idx", ignore_index=True)
+    if clusters is not None:
+        own = clusters.set_index("Metadata_idx")["cluster"]
+        profiles[protocols.CLUSTER_COLUMN] = profiles["Metadata_idx"].map(own).astype("Int64")
     record = {
         "benchmark": name,
         "model": model,
@@ -112,5 +124,10 @@ def evaluate_benchmark(profiles: pd.DataFrame, benchmark: dict, name: str, model
 
 
 def headline(results: dict) -> dict:
-    """Protocol -> its main figure, for a log line."""
-    return {p: r.get("accuracy", r.get("mean_average_precision", r.get("macro_f1"))) for p, r in results.items()}
+    """Protocol -> its main figure, for a log line (clustering: the NMI of its k-means)."""
+    return {
+        p: r.get("accuracy", r.get("mean_average_precision", r.get("macro_f1")))
+        if "kmeans" not in r
+        else r["kmeans"]["metrics"]["nmi"]["value"]
+        for p, r in results.items()
+    }

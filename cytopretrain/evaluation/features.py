@@ -56,6 +56,7 @@ from cytopretrain.core.schema import QUARANTINE_FIELDS
 from cytopretrain.evaluation.preprocess import CHANNEL_MODES, Failed, Job, Loaded, load_group
 from cytopretrain.evaluation.profile_tables import (
     ProfileWriter,
+    feature_columns,
     feature_names,
     metadata_frame,
     profile_frame,
@@ -359,6 +360,24 @@ def extract_features_to_parquet(
     names = stream.feature_names or []
     writer.close(profile_frame(meta, np.zeros(0, np.int64), np.zeros((0, len(names)), np.float32), names))
     return _failure_frame(stream.failures)
+
+
+def own_clusters(table: pd.DataFrame, method, **options) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """A clustering method's own cluster of every image of ``table`` (``assigns_clusters``,
+    learning.pretext.DEC): the pooled features of its backbone on the merged channels (merge
+    mode whatever ``channel_mode`` says: it trained on merged grey crops), through its latent
+    layer and soft assignment. ``options`` are those of extract_features. Returns
+    (Metadata_idx, cluster, confidence) per image with features, and the failures."""
+    profiles, failures = extract_features(table, method.backbone, **{**options, "channel_mode": "merge"})
+    features = torch.tensor(profiles[feature_columns(profiles)].to_numpy(np.float32))
+    cluster = confidence = torch.zeros(0)
+    if len(profiles):
+        with torch.inference_mode():
+            cluster, confidence = method.assign(method.to_latent(features))
+    frame = pd.DataFrame(
+        {"Metadata_idx": profiles["Metadata_idx"], "cluster": cluster.numpy(), "confidence": confidence.numpy()}
+    )
+    return frame, failures
 
 
 def random_init_backbone(name: str, in_channels: int = 1, seed: int = 0, pool: str | None = None) -> Backbone:

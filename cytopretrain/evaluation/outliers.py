@@ -30,8 +30,7 @@ from cytopretrain.curation.shards import iter_shard, load_index
 from cytopretrain.evaluation.knn import knn
 from cytopretrain.evaluation.profile_tables import metadata_columns
 from cytopretrain.evaluation.protocols.common import as_matrix
-from cytopretrain.learning.models import build_backbone
-from cytopretrain.learning.pretext import build_method
+from cytopretrain.learning.train import load_trained_method
 
 OUTLIER_TABLE_COLUMNS = (
     "crop_id",
@@ -56,13 +55,7 @@ def load_autoencoder(method_path: str | os.PathLike, card_path: str | os.PathLik
     card = json.loads(Path(card_path).read_text())
     if card["method"] != "autoencoder":
         raise ValueError(f"{card_path}: run is a {card['method']!r} run, not an autoencoder")
-    settings = card["settings"]
-    backbone = build_backbone(card["backbone"], in_channels=card["in_channels"])
-    options = dict(settings.get("method_options", {}))
-    options.setdefault("image_size", card["image_size"])
-    method = build_method("autoencoder", backbone, **options)
-    method.load_state_dict(torch.load(method_path, map_location="cpu", weights_only=True))
-    return method.eval(), card
+    return load_trained_method(method_path, card_path)
 
 
 def _tile(sample: dict, size: int, in_channels: int) -> np.ndarray:

@@ -25,13 +25,14 @@ profiles, this workflow's own ``results/features/…parquet`` — goes through o
    mad_robustize), fitted on all rows or on the controls, optionally per batch; then
    ``feature_select`` with pycytominer (variance threshold and/or correlation threshold).
 5. ``aggregate`` (mean or median per perturbation, per batch when the table has one) for
-   ``knn_loo`` and ``map``; ``nsc`` and ``nscb`` aggregate themselves after their own z-scoring
+   ``knn_loo``, ``map`` and ``clustering``; ``nsc`` and ``nscb`` aggregate themselves after their own z-scoring
    (Ljosa et al.; mean unless ``aggregate`` says median), and ``replicate_map`` needs the
    replicates, so it refuses an aggregated table.
 6. Protocols (``PROFILE_PROTOCOLS``): ``nsc``, ``nscb`` (1-NN MOA accuracy not counting
    the same compound, and batch), ``knn_loo``, ``map`` (label retrieval: positives share the
    label and differ in the perturbation's identity, controls left out), ``replicate_map``
-   (replicates retrieved against controls), ``clustering`` when available.
+   (replicates retrieved against controls), ``clustering`` (k-means with k = the number of
+   labels on the treated, labelled rows; protocols.clustering, options under ``clustering``).
 
 The record (``results/eval/profiles/<name>.json``) has the shape of the benchmark evaluations
 (benchmark, model, published, label, n_profiles, results) plus the counts of every step, so
@@ -55,7 +56,7 @@ from cytopretrain.evaluation.profile_tables import (
     non_numeric,
     read_profile_table,
 )
-from cytopretrain.evaluation.protocols import embedding_2d
+from cytopretrain.evaluation.protocols import clustering, embedding_2d
 from cytopretrain.evaluation.protocols.mean_ap import PERTURBATION, mean_average_precision, replicate_map
 from cytopretrain.evaluation.protocols.moa import nsc, nscb
 from cytopretrain.evaluation.protocols.neighbours import knn_loo
@@ -68,6 +69,7 @@ PROTOCOL_ROLES = {
     "knn_loo": ("label",),
     "map": ("label",),
     "replicate_map": ("perturbation", "controls"),
+    "clustering": ("label",),
 }
 PROFILE_PROTOCOLS = tuple(PROTOCOL_ROLES)
 NORMALIZE_METHODS = {"none": None, "standardize": "standardize", "robust_mad": "mad_robustize"}
@@ -94,6 +96,7 @@ PROFILE_DEFAULTS = {
     "k": 11,
     "map": {},
     "replicate_map": {},
+    "clustering": {},
 }
 
 
@@ -352,9 +355,13 @@ def _profile_protocol(protocol: str, table: pd.DataFrame, features: list[str], s
             raise ProfileError(f"config key '{key}.aggregate': replicate_map needs the replicates; use none")
         return replicate_map(table, perturbation_col=PERTURBATION, control_mask=controls, **spec["replicate_map"])
     rows = _aggregated(table, features, spec, key)
-    if protocol == "knn_loo":
+    if protocol in ("knn_loo", "clustering"):
         keep = ~rows[CONTROL].to_numpy(bool) & rows[LABEL].notna().to_numpy()
-        result = knn_loo(rows[keep].reset_index(drop=True), label_col=LABEL, k=spec["k"])
+        labelled = rows[keep].reset_index(drop=True)
+        if protocol == "knn_loo":
+            result = knn_loo(labelled, label_col=LABEL, k=spec["k"])
+        else:
+            result = clustering(labelled, label_col=LABEL, **spec["clustering"])
         dropped = {"control": int(rows[CONTROL].sum()), "no label": int((~rows[CONTROL] & rows[LABEL].isna()).sum())}
         return {**result, "rows_dropped": dropped}
     return mean_average_precision(

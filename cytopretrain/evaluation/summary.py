@@ -1,4 +1,10 @@
-"""One table of every benchmark x model x protocol, with CytoImageNet's published figures beside it."""
+"""One table of every benchmark x model x protocol, with CytoImageNet's published figures beside it.
+
+Accuracy-type protocols give one row (knn_holdout one more per split); the clustering protocol
+gives one row per assignment (subset ``kmeans``, and ``own`` for a model's own clusters) and
+metric (nmi, ari, unsupervised_accuracy), with the metric's value for random clusters of the
+same sizes in ``floor`` (empty for the other protocols).
+"""
 
 from __future__ import annotations
 
@@ -29,6 +35,7 @@ SUMMARY_COLUMNS = (
     "metric",
     "value",
     "ci95",
+    "floor",
     "n",
     "correct",
     *PUBLISHED_COLUMNS,
@@ -42,10 +49,40 @@ def _main_metric(result: dict) -> tuple[str, float, float | None]:
     raise KeyError(f"result of {result.get('protocol')} has no main metric")
 
 
+def _clustering_rows(benchmark_name: str, model: str, result: dict) -> list[dict]:
+    rows = []
+    for subset in ("kmeans", "own"):
+        if subset not in result:
+            continue
+        part = result[subset]
+        for metric, score in part["metrics"].items():
+            accuracy = metric == "unsupervised_accuracy"
+            rows.append(
+                {
+                    "benchmark": benchmark_name,
+                    "model": model,
+                    "protocol": "clustering",
+                    "subset": subset,
+                    "metric": metric,
+                    "value": score["value"],
+                    "ci95": part["ci95"] if accuracy else math.nan,
+                    "floor": score["floor"],
+                    "n": part["n"],
+                    "correct": part["correct"] if accuracy else math.nan,
+                    **dict.fromkeys(PUBLISHED_COLUMNS, math.nan),
+                }
+            )
+    return rows
+
+
 def summary_rows(benchmark_name: str, model: str, results: dict, published_key: str | None) -> list[dict]:
-    """One row per protocol (and per split for knn_holdout), with the published figures."""
+    """One row per protocol (and per split for knn_holdout, per assignment and metric for
+    clustering), with the published figures."""
     rows = []
     for protocol, result in results.items():
+        if protocol == "clustering":
+            rows += _clustering_rows(benchmark_name, model, result)
+            continue
         parts = [("", result)]
         if protocol == "knn_holdout":
             parts += list(result.get("splits", {}).items())
@@ -60,6 +97,7 @@ def summary_rows(benchmark_name: str, model: str, results: dict, published_key: 
                 "metric": metric,
                 "value": value,
                 "ci95": math.nan if ci95 is None else ci95,
+                "floor": math.nan,
                 "n": part.get("n"),
                 "correct": part.get("correct", math.nan),
             }

@@ -10,6 +10,18 @@ Interface used by the training loop (``cytopretrain.learning.train``)::
     optimizer.step()
     method.after_optimizer_step(step, total_steps)
 
+Hooks for methods that need more than a batch (DEC; no-ops in the base class). The loop calls
+``method.after_step(0, total_steps, training_set)`` before the first step of a fresh run and
+``method.after_step(step, ...)`` after each optimizer step, before it logs or checkpoints the
+step; ``training_set.encode(function)`` gives ``function`` of every training crop (see
+TrainingSet). ``method.begin_batch(crop_ids)`` precedes each training loss with the crop ids of
+the batch. ``method.stopped`` becomes true when the method has converged: the loop then ends
+the run early, with the step's log record, validation and checkpoint. ``training_state()`` /
+``load_training_state(state)`` are checkpointed beside the state dict (tensors and plain
+values), ``describe(steps)`` goes into the model card and ``write_outputs(training_set,
+out_dir)`` writes files beside the backbone at the end (``out_dir`` None on ranks other than 0;
+every rank calls it, since ``encode`` is collective under DDP).
+
 - ``evaluation_backbone()`` is the artifact (save it with ``models.save_backbone``): the
   trained ``backbone``, or DINO's teacher;
 - ``loss`` applies the method's own augmentations with ``generator`` (its only source of
@@ -35,6 +47,8 @@ Methods (seed documents in ``../shared/seeds``):
   decoder, reconstruction loss.
 - ``dino`` (Caron et al. 2021; DINO4Cells, scDINO): student and EMA teacher with a projection
   head over prototypes, multi-crop views, centred and sharpened teacher targets.
+- ``dec`` (seed 000): deep embedded clustering on the autoencoder: reconstruction, then k-means
+  centres in the latent space refined by DEC's self-training (KL to a sharpened target).
 """
 
 from __future__ import annotations
@@ -42,15 +56,20 @@ from __future__ import annotations
 import copy
 import inspect
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from pathlib import Path
+from typing import ClassVar, Protocol
 
+import numpy as np
+import pandas as pd
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cytopretrain.core.numerics import kmeans
+from cytopretrain.core.tables import write_table
 from cytopretrain.learning import augment
 from cytopretrain.learning.models import Backbone
 from cytopretrain.learning.optim import cosine_schedule
@@ -109,8 +128,29 @@ def _positive_int(name: str, value: int) -> int:
     return value
 
 
+def _number(name: str, value: float, low: float, high: float, *, low_included: bool = True) -> float:
+    """``value`` as a float, checked to lie in [low, high] (or (low, high])."""
+    inside = isinstance(value, (int, float)) and not isinstance(value, bool) and value <= high
+    if not inside or value < low or (value == low and not low_included):
+        raise ValueError(
+            f"option {name} must be a number in {'[' if low_included else '('}{low}, {high}], got {value!r}"
+        )
+    return float(value)
+
+
 def _accuracy(logits: Tensor, targets: Tensor) -> float:
     return (logits.argmax(dim=1) == targets).float().mean().item()
+
+
+class TrainingSet(Protocol):
+    """The whole train split as the training loop offers it to a method's hooks."""
+
+    seed: int  # the run's seed
+
+    def encode(self, function: Callable[[Tensor], Tensor]) -> tuple[list[str], Tensor]:
+        """``function`` (a batch of images -> one row per image) of every training crop once, in
+        eval mode without gradients: the crop ids, sorted, and the rows in that order (CPU)."""
+        ...
 
 
 class PretextMethod(nn.Module):
@@ -118,6 +158,10 @@ class PretextMethod(nn.Module):
 
     name: ClassVar[str]
     needs_labels: ClassVar[bool] = False
+    # Parameters that may get no gradient in a step (DistributedDataParallel must then look for them).
+    may_leave_parameters_unused: ClassVar[bool] = False
+    # Writes clusters.parquet and centres.tsv beside the backbone and assigns benchmark images to them.
+    assigns_clusters: ClassVar[bool] = False
 
     def __init__(self, backbone: Backbone) -> None:
         super().__init__()
@@ -142,6 +186,34 @@ class PretextMethod(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The parameters the optimizer updates (all with requires_grad)."""
         return [p for p in self.parameters() if p.requires_grad]
+
+    # Hooks of methods that need the whole training set (module docstring); no-ops here.
+
+    def begin_batch(self, crop_ids: Sequence[str]) -> None:
+        """The crops of the next training batch (this rank's part), before its loss."""
+
+    def after_step(self, step: int, total_steps: int, training_set: TrainingSet) -> None:
+        """After optimizer step ``step`` (0: before the first step of a fresh run)."""
+
+    @property
+    def stopped(self) -> bool:
+        """True once the method has converged: training ends before ``steps``."""
+        return False
+
+    def training_state(self) -> dict:
+        """What a checkpoint keeps besides the state dict (tensors and plain values)."""
+        return {}
+
+    def load_training_state(self, state: dict) -> None:
+        """Restore ``training_state()`` from a checkpoint."""
+
+    def describe(self, steps: int) -> dict:
+        """Facts for the model card after ``steps`` optimizer steps ({} = nothing to add)."""
+        return {}
+
+    def write_outputs(self, training_set: TrainingSet, out_dir: Path | None) -> dict[str, str]:
+        """Files written beside the backbone at the end, by name (none here)."""
+        return {}
 
 
 class WeakLabel(PretextMethod):
@@ -901,17 +973,267 @@ class Autoencoder(PretextMethod):
         """(B, C, H, W) -> (B, C, H, W) reconstruction in [0, 1]."""
         return torch.sigmoid(self.decode_logits(self.encode_latent(images), tuple(images.shape[2:])))
 
-    def loss(self, images: Tensor, labels: Tensor | None, generator: torch.Generator) -> LossResult:
-        _check_images(images, self.backbone)
-        logits = self.decode_logits(self.encode_latent(images), tuple(images.shape[2:])).float()
+    def reconstruction_loss(self, latent: Tensor, images: Tensor) -> tuple[Tensor, Tensor]:
+        """(the ``loss`` option's reconstruction loss, the mean squared error) of ``images`` from ``latent``."""
+        logits = self.decode_logits(latent, tuple(images.shape[2:])).float()
         target = images.float()
         mse = F.mse_loss(torch.sigmoid(logits), target)
         # BCE from logits: stable, and allowed under autocast (plain BCE is not).
         loss = mse if self.loss_kind == "mse" else F.binary_cross_entropy_with_logits(logits, target)
+        return loss, mse
+
+    def loss(self, images: Tensor, labels: Tensor | None, generator: torch.Generator) -> LossResult:
+        _check_images(images, self.backbone)
+        loss, mse = self.reconstruction_loss(self.encode_latent(images), images)
         return loss, {"loss": loss.item(), "mse": mse.item()}
 
 
-METHODS: dict[str, type[PretextMethod]] = {cls.name: cls for cls in (WeakLabel, BYOL, PatchLocation, Autoencoder, DINO)}
+# --------------------------------------------------------------------------- DEC
+
+
+def log_soft_assignment(latent: Tensor, centres: Tensor, alpha: float = 1.0) -> Tensor:
+    """log q for DEC's soft assignment (Xie et al. 2016, eq. 1): (N, D) codes, (K, D) centres -> (N, K).
+
+    q_ij = (1 + |z_i - mu_j|^2 / alpha)^(-(alpha + 1) / 2), normalised over j: a Student's t
+    kernel with ``alpha`` degrees of freedom. Computed in log space (log1p, log_softmax), so far
+    codes do not underflow; float32.
+    """
+    distance = (latent.float()[:, None, :] - centres.float()[None, :, :]).square().sum(dim=-1)
+    return torch.log_softmax(-(alpha + 1) / 2 * torch.log1p(distance / alpha), dim=1)
+
+
+def soft_assignment(latent: Tensor, centres: Tensor, alpha: float = 1.0) -> Tensor:
+    """DEC's soft assignment q (rows sum to 1); see log_soft_assignment."""
+    return log_soft_assignment(latent, centres, alpha).exp()
+
+
+def target_distribution(q: Tensor, frequencies: Tensor | None = None) -> Tensor:
+    """DEC's target (eq. 3): p_ij = (q_ij^2 / f_j) / sum_j' (q_ij'^2 / f_j'), f_j = sum_i q_ij.
+
+    Squaring sharpens confident assignments; dividing by the soft cluster frequency f keeps
+    large clusters from taking over. ``frequencies`` replaces f (validation batches use the
+    training set's).
+    """
+    f = q.sum(dim=0) if frequencies is None else frequencies
+    weight = q.square() / f
+    return weight / weight.sum(dim=1, keepdim=True)
+
+
+def kl_divergence(target: Tensor, log_q: Tensor) -> Tensor:
+    """KL(P || Q) = sum_j p_ij log(p_ij / q_ij), averaged over the rows (0 log 0 = 0)."""
+    return (torch.xlogy(target, target) - target * log_q).sum(dim=1).mean()
+
+
+STAGES = ("pretrain", "clustering", "converged")
+
+
+class DEC(Autoencoder):
+    """Deep embedded clustering (Xie, Girshick and Farhadi, ICML 2016), as seed 000 ran it on a
+    ResNet autoencoder: the autoencoder method, then a clustering layer trained with it.
+
+    Stage 1, steps 1 to ``pretrain_steps``: the autoencoder as it is (Autoencoder: encoder =
+    backbone + linear latent of ``latent_dim``, decoder, ``loss`` mse or bce). The latent is 10-D
+    by default, DEC's embedding size (the autoencoder's seed-004 default is 150).
+
+    Initialisation, after step ``pretrain_steps``: every training crop is encoded (eval mode,
+    the crop of epoch 0; ``TrainingSet.encode``) and k-means (``n_clusters``, ``kmeans_restarts``
+    k-means++ starts seeded by the run's seed, least inertia kept; core.numerics.kmeans) on the
+    codes gives the centres mu, a trainable (n_clusters, latent_dim) parameter.
+
+    Stage 2, self-training: soft assignments q of the codes to the centres (Student's t with
+    ``alpha`` degrees of freedom, log_soft_assignment), a target p = target_distribution(q)
+    computed over the whole training set and held fixed for ``update_interval`` steps; the loss
+    of a batch is KL(p || q) of its crops (kl_divergence; p looked up by crop id), plus
+    ``reconstruction_weight`` times the reconstruction loss (IDEC, Guo et al. 2017, used 0.1;
+    0 = DEC as published, and the decoder then rests). Encoder and centres learn together.
+    Every ``update_interval`` steps the targets are recomputed from the whole training set;
+    when the share of crops whose hard assignment (argmax q) changed since the last update is
+    below ``tol`` (DEC's 0.1 %), training stops: ``stopped`` ends the run before ``steps``.
+
+    The whole-set passes run the encoder in eval mode (BatchNorm running statistics), so a
+    crop's code does not depend on its batch; training steps use batch statistics, as every
+    method here. Validation batches, whose crops have no stored target, are scored against
+    the target of their own q with the training set's cluster frequencies f.
+
+    Checkpoints keep the stage, the crop ids, the last targets, frequencies and hard
+    assignments and the history of updates (training_state), so a killed run resumes exactly.
+    Outputs (write_outputs, from a last pass with the final weights): ``clusters.parquet``
+    (crop_id, cluster, confidence = largest q) and ``centres.tsv`` (cluster, n_crops, z_0 ...).
+    Metrics: loss, stage (1 or 2; an interval mean between them is the share of its steps in
+    stage 2), mse in stage 1 (and in stage 2 with a reconstruction weight), kl in stage 2.
+    """
+
+    name = "dec"
+    may_leave_parameters_unused = True  # centres in stage 1, the decoder in stage 2
+    assigns_clusters = True
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        *,
+        n_clusters: int,
+        pretrain_steps: int,
+        update_interval: int = 140,
+        tol: float = 0.001,
+        alpha: float = 1.0,
+        reconstruction_weight: float = 0.0,
+        kmeans_restarts: int = 20,
+        latent_dim: int = 10,
+        image_size: int | Sequence[int] = 128,
+        loss: str = "mse",
+    ) -> None:
+        super().__init__(backbone, latent_dim=latent_dim, image_size=image_size, loss=loss)
+        self.n_clusters = _positive_int("n_clusters", n_clusters)
+        if self.n_clusters < 2:
+            raise ValueError(f"option n_clusters must be at least 2, got {n_clusters!r}")
+        if isinstance(pretrain_steps, bool) or not isinstance(pretrain_steps, int) or pretrain_steps < 0:
+            raise ValueError(f"option pretrain_steps must be an integer >= 0, got {pretrain_steps!r}")
+        self.pretrain_steps = pretrain_steps
+        self.update_interval = _positive_int("update_interval", update_interval)
+        self.kmeans_restarts = _positive_int("kmeans_restarts", kmeans_restarts)
+        self.tol = _number("tol", tol, 0.0, 1.0)
+        self.alpha = _number("alpha", alpha, 0.0, math.inf, low_included=False)
+        self.reconstruction_weight = _number("reconstruction_weight", reconstruction_weight, 0.0, math.inf)
+        self.centres = nn.Parameter(torch.zeros(self.n_clusters, latent_dim))
+        self.load_training_state({})
+        self._batch_targets: Tensor | None = None
+
+    # ---------------------------------------------------------------- course of training
+
+    def training_state(self) -> dict:
+        return {
+            "stage": self.stage,
+            "crop_ids": list(self.crop_ids),
+            "targets": self.targets,
+            "frequencies": self.frequencies,
+            "assignments": self.assignments,
+            "updates": [dict(update) for update in self.updates],
+        }
+
+    def load_training_state(self, state: dict) -> None:
+        self.stage: str = state.get("stage", STAGES[0])
+        if self.stage not in STAGES:
+            raise ValueError(f"dec: unknown stage {self.stage!r} in the checkpoint")
+        self.crop_ids: list[str] = list(state.get("crop_ids", []))
+        self._rows = {crop_id: row for row, crop_id in enumerate(self.crop_ids)}
+        self.targets: Tensor | None = state.get("targets")  # (N, K), rows in crop_ids order
+        self.frequencies: Tensor | None = state.get("frequencies")  # (K,) soft cluster sizes f
+        self.assignments: Tensor | None = state.get("assignments")  # (N,) argmax q at the last update
+        self.updates: list[dict] = [dict(update) for update in state.get("updates", [])]
+
+    @property
+    def stopped(self) -> bool:
+        return self.stage == "converged"
+
+    def after_step(self, step: int, total_steps: int, training_set: TrainingSet) -> None:
+        if step == 0 and self.pretrain_steps >= total_steps:
+            raise ValueError(
+                f"dec: pretrain_steps ({self.pretrain_steps}) must be below the run's steps ({total_steps}), "
+                "or the clustering stage never starts"
+            )
+        if self.stage == "pretrain" and step == self.pretrain_steps:
+            crop_ids, codes = training_set.encode(self.encode_latent)
+            if len(crop_ids) < self.n_clusters:
+                raise ValueError(f"dec: {len(crop_ids)} training crops cannot make {self.n_clusters} clusters")
+            _, centres = kmeans(codes.numpy(), self.n_clusters, restarts=self.kmeans_restarts, seed=training_set.seed)
+            with torch.no_grad():
+                self.centres.copy_(torch.from_numpy(centres))
+            self.crop_ids = crop_ids
+            self._rows = {crop_id: row for row, crop_id in enumerate(crop_ids)}
+            self._set_targets(codes, step)
+            self.stage = "clustering"
+        elif self.stage == "clustering" and (step - self.pretrain_steps) % self.update_interval == 0:
+            crop_ids, codes = training_set.encode(self.encode_latent)
+            if crop_ids != self.crop_ids:
+                raise ValueError("dec: the training set's crops changed since the clustering stage began")
+            previous = self.assignments
+            self._set_targets(codes, step)
+            changed = (self.assignments != previous).double().mean().item()
+            self.updates[-1]["changed"] = changed
+            if changed < self.tol:
+                self.stage = "converged"
+
+    def _set_targets(self, codes: Tensor, step: int) -> None:
+        q = soft_assignment(codes, self.centres.detach().cpu(), self.alpha)
+        self.frequencies = q.sum(dim=0)
+        self.targets = target_distribution(q, self.frequencies)
+        self.assignments = q.argmax(dim=1)
+        self.updates.append({"step": step, "changed": None})
+
+    def begin_batch(self, crop_ids: Sequence[str]) -> None:
+        if self.stage == "pretrain":
+            self._batch_targets = None
+            return
+        try:
+            rows = [self._rows[crop_id] for crop_id in crop_ids]
+        except KeyError as missing:
+            raise ValueError(f"dec: crop {missing.args[0]!r} is not among the training crops of the targets") from None
+        self._batch_targets = self.targets[rows].to(self.centres.device)
+
+    # ---------------------------------------------------------------- loss
+
+    def loss(self, images: Tensor, labels: Tensor | None, generator: torch.Generator) -> LossResult:
+        if self.stage == "pretrain":
+            loss, metrics = super().loss(images, labels, generator)
+            return loss, {**metrics, "stage": 1.0}
+        _check_images(images, self.backbone)
+        latent = self.encode_latent(images)
+        log_q = log_soft_assignment(latent, self.centres, self.alpha)
+        if self.training:
+            target, self._batch_targets = self._batch_targets, None
+            if target is None or len(target) != len(images):
+                raise ValueError("dec: begin_batch(crop_ids) must name the batch's crops before a training step")
+        else:
+            target = target_distribution(log_q.detach().exp(), self.frequencies.to(log_q.device))
+        kl = kl_divergence(target, log_q)
+        metrics = {"kl": kl.item(), "stage": 2.0}
+        loss = kl
+        if self.reconstruction_weight > 0:
+            reconstruction, mse = self.reconstruction_loss(latent, images)
+            loss = kl + self.reconstruction_weight * reconstruction
+            metrics["mse"] = mse.item()
+        return loss, {"loss": loss.item(), **metrics}
+
+    # ---------------------------------------------------------------- results
+
+    def describe(self, steps: int) -> dict:
+        last_pretrain = min(self.pretrain_steps, steps)
+        stages = [{"stage": "pretrain", "first_step": 1, "last_step": last_pretrain}] if last_pretrain else []
+        if steps > self.pretrain_steps:
+            stages.append({"stage": "clustering", "first_step": self.pretrain_steps + 1, "last_step": steps})
+        return {
+            "stages": stages,
+            "n_clusters": self.n_clusters,
+            "converged": self.stopped,
+            "target_updates": [dict(update) for update in self.updates],
+        }
+
+    def assign(self, latent: Tensor) -> tuple[Tensor, Tensor]:
+        """The hard cluster (argmax q) and the confidence (largest q) of each latent code, on the CPU."""
+        confidence, cluster = soft_assignment(latent.float().cpu(), self.centres.detach().cpu(), self.alpha).max(dim=1)
+        return cluster, confidence
+
+    def write_outputs(self, training_set: TrainingSet, out_dir: Path | None) -> dict[str, str]:
+        crop_ids, codes = training_set.encode(self.encode_latent)
+        cluster, confidence = self.assign(codes)
+        if out_dir is None:
+            return {}
+        paths = {"clusters": Path(out_dir) / "clusters.parquet", "centres": Path(out_dir) / "centres.tsv"}
+        clusters = pd.DataFrame(
+            {"crop_id": crop_ids, "cluster": cluster.numpy().astype(np.int32), "confidence": confidence.numpy()}
+        )
+        write_table(clusters, paths["clusters"])
+        centres = pd.DataFrame(self.centres.detach().cpu().double().numpy())
+        centres.columns = [f"z_{k}" for k in range(centres.shape[1])]
+        centres.insert(0, "n_crops", np.bincount(cluster.numpy(), minlength=self.n_clusters))
+        centres.insert(0, "cluster", np.arange(self.n_clusters))
+        write_table(centres, paths["centres"])
+        return {name: str(path) for name, path in paths.items()}
+
+
+METHODS: dict[str, type[PretextMethod]] = {
+    cls.name: cls for cls in (WeakLabel, BYOL, PatchLocation, Autoencoder, DINO, DEC)
+}
 
 
 def method_options(name: str) -> tuple[str, ...]:
@@ -922,11 +1244,17 @@ def method_options(name: str) -> tuple[str, ...]:
     return tuple(p for p in parameters if p not in ("backbone", "n_classes"))
 
 
+def required_options(name: str) -> tuple[str, ...]:
+    """The options method ``name`` has no default for (DEC's n_clusters and pretrain_steps)."""
+    parameters = inspect.signature(METHODS[name]).parameters
+    return tuple(p for p in method_options(name) if parameters[p].default is inspect.Parameter.empty)
+
+
 def build_method(name: str, backbone: Backbone, *, n_classes: int | None = None, **options) -> PretextMethod:
     """The pretext method ``name`` around ``backbone``.
 
     ``n_classes`` (number of weak labels) is required by weak_label and ignored by the other
-    methods, so a loop may pass it always. Unknown options raise ValueError naming them.
+    methods, so a loop may pass it always. Unknown or missing options raise ValueError naming them.
     """
     allowed = method_options(name)
     unknown = sorted(set(options) - set(allowed))
@@ -935,6 +1263,9 @@ def build_method(name: str, backbone: Backbone, *, n_classes: int | None = None,
             f"unknown option(s) {', '.join(unknown)} for pretext method {name!r}; "
             f"allowed: {', '.join(allowed) or 'none'}"
         )
+    missing = [option for option in required_options(name) if option not in options]
+    if missing:
+        raise ValueError(f"pretext method {name!r} needs option(s) {', '.join(missing)}")
     if METHODS[name].needs_labels:
         return METHODS[name](backbone, n_classes, **options)
     return METHODS[name](backbone, **options)

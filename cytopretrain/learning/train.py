@@ -49,11 +49,19 @@ is logged as a warning (logger ``cytopretrain.learning.train``), returned in ``w
 kept in the model card. Checkpoints hold the monitors' state, and a resumed run deletes best
 files its checkpoint does not name, so it ends with the best of the uninterrupted run.
 
+Methods that need the whole training set (DEC's k-means and targets) get it through the hooks
+of ``learning.pretext`` (its module docstring): ``after_step`` after every optimizer step (and
+at step 0 of a fresh run) with a WholeTrainingSet, ``begin_batch`` with the crop ids of each
+training batch, ``stopped`` to end the run early (the step is then logged, validated and
+checkpointed as a last step, and ``train`` reports the run finished), ``training_state`` in
+the checkpoints, ``describe`` in the model card (``method_details``) and ``write_outputs`` for
+files beside the backbone. Log records average each metric over the steps that reported it.
+
 Checkpoints hold the whole method state dict, optimizer, scheduler (and GradScaler), step,
 epoch, batches done in the epoch, the random states of every rank (torch CPU and CUDA,
-numpy, python, the augmentation generator), the metric sums of the current log interval and
-a hash of the settings that shape the run (all but log_every, checkpoint_every,
-validate_every, progress and num_workers). They are written atomically and only the newest
+numpy, python, the augmentation generator), the metric sums of the current log interval, the
+method's ``training_state()`` and a hash of the settings that shape the run (all but
+log_every, checkpoint_every, validate_every, progress and num_workers). They are written atomically and only the newest
 two are kept; all load with ``weights_only=True``.
 
 Resume (``resume=True``): the newest checkpoint that loads is used; unreadable ones are
@@ -246,6 +254,16 @@ def build_model(settings: dict, n_classes: int) -> PretextMethod:
     return build_method(settings["method"], backbone, n_classes=n_classes, **options)
 
 
+def load_trained_method(method_path: str | os.PathLike, card_path: str | os.PathLike) -> tuple[PretextMethod, dict]:
+    """A finished run's method from its method.pt and model card, in eval mode on the CPU, and
+    the card. The backbone is built without the run's starting weights file: the trained state
+    replaces them."""
+    card = json.loads(Path(card_path).read_text())
+    method = build_model({**card["settings"], "weights": None}, card["data"]["n_classes"])
+    method.load_state_dict(torch.load(method_path, map_location="cpu", weights_only=True))
+    return method.eval(), card
+
+
 def build_optimizer(method: PretextMethod, settings: dict, world_size: int = 1) -> torch.optim.Optimizer:
     """Optimizer over the trainable parameters (module docstring, "Optimizer")."""
     params = method.trainable_parameters()
@@ -271,19 +289,25 @@ def build_scheduler(optimizer: torch.optim.Optimizer, settings: dict) -> torch.o
 
 @dataclass
 class Interval:
-    """Metric sums since the last log record (kept in checkpoints so resumed logs match)."""
+    """Metric sums since the last log record (kept in checkpoints so resumed logs match).
+
+    A metric is averaged over the steps that reported it: a method may report some metrics
+    only in part of its training (DEC's kl in its clustering stage)."""
 
     sums: dict[str, float] = field(default_factory=dict)
     steps: int = 0
+    counts: dict[str, int] = field(default_factory=dict)
 
     def add(self, metrics: dict[str, float]) -> None:
         for key, value in metrics.items():
             self.sums[key] = self.sums.get(key, 0.0) + float(value)
+            self.counts[key] = self.counts.get(key, 0) + 1
         self.steps += 1
 
     def means(self, runtime: Runtime) -> dict[str, float]:
-        sums, steps = sum_over_ranks(self.sums, self.steps, runtime)
-        return {key: value / steps for key, value in sums.items()}
+        sums, _ = sum_over_ranks(self.sums, self.steps, runtime)
+        counts, _ = sum_over_ranks(self.counts, self.steps, runtime)
+        return {key: value / counts[key] for key, value in sums.items()}
 
 
 def sum_over_ranks(sums: dict[str, float], count: int, runtime: Runtime) -> tuple[dict[str, float], int]:
@@ -344,7 +368,9 @@ class Trainer:
         self.step_module: nn.Module = _LossModule(self.method)
         if runtime.world_size > 1:
             ids = [runtime.device.index] if runtime.device.type == "cuda" else None
-            self.step_module = nn.parallel.DistributedDataParallel(self.step_module, device_ids=ids)
+            self.step_module = nn.parallel.DistributedDataParallel(
+                self.step_module, device_ids=ids, find_unused_parameters=self.method.may_leave_parameters_unused
+            )
         seed_everything(settings["seed"], runtime.rank)
         self.generator = torch.Generator(device=runtime.device)
         # One augmentation stream shared by all ranks: each draws for the global batch.
@@ -353,6 +379,12 @@ class Trainer:
         self.interval = Interval()
         self.monitors = Monitors()
         self.last_record: dict = {}
+        self.training_set = WholeTrainingSet(self)
+
+    @property
+    def done(self) -> bool:
+        """All steps trained, or the method stopped early (converged)."""
+        return self.progress.step >= self.settings["steps"] or self.method.stopped
 
     # ---------------------------------------------------------------- state
 
@@ -374,7 +406,12 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler else None,
             "rng": rng_states,
-            "interval": {"sums": dict(self.interval.sums), "steps": self.interval.steps},
+            "interval": {
+                "sums": dict(self.interval.sums),
+                "steps": self.interval.steps,
+                "counts": dict(self.interval.counts),
+            },
+            "method_state": self.method.training_state(),
             "settings": self.settings,
             "settings_hash": trajectory_hash(self.settings),
             "index_sha256": self.index_sha256,
@@ -394,7 +431,9 @@ class Trainer:
         if self.scaler and state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
         restore_rng(state["rng"][self.runtime.rank], self.generator)
-        self.interval = Interval(dict(state["interval"]["sums"]), state["interval"]["steps"])
+        self.method.load_training_state(state.get("method_state", {}))
+        sums, steps = dict(state["interval"]["sums"]), state["interval"]["steps"]
+        self.interval = Interval(sums, steps, dict(state["interval"].get("counts", dict.fromkeys(sums, steps))))
         self.progress = Progress(state["step"], state["epoch"], state["position"], state["wall_time"])
         self.monitors = Monitors.from_state(state.get("monitors"))
         if self.runtime.is_main:  # best files of steps after the checkpoint belong to the lost part
@@ -414,13 +453,14 @@ class Trainer:
 
     # ---------------------------------------------------------------- steps
 
-    def loader(self, split: str, epoch: int, skip: int = 0, batch_size: int | None = None):
-        """Training: this rank's part of the global batches; validation: its own shards."""
+    def loader(self, split: str, epoch: int, skip: int = 0, batch_size: int | None = None, every_sample: bool = False):
+        """Training: this rank's part of the global batches; validation, or every training
+        sample once (``every_sample``): the rank's own shards."""
         s, rank, world_size = self.settings, self.runtime.rank, self.runtime.world_size
-        if split == "train":
+        if split == "train" and not every_sample:
             batch_size, placement = self.global_batch, {"part": (rank, world_size)}
         else:
-            placement = {"rank": rank, "world_size": world_size}
+            placement = {"rank": rank, "world_size": world_size, "drop_last": False}
         return data.make_loader(
             self.shards_dir,
             split,
@@ -529,35 +569,40 @@ class Trainer:
         )
         started = interval_start = time.perf_counter()
         interval_images = interval_steps = 0
+        if self.progress.step == 0:
+            self.method.after_step(0, total, self.training_set)
         with bar:
-            while self.progress.step < stop_at:
+            while self.progress.step < stop_at and not self.method.stopped:
                 for batch in self.loader("train", self.progress.epoch, self.progress.position):
                     epoch = self.progress.epoch
+                    self.method.begin_batch(batch["crop_id"])
                     self.interval.add(self.train_step(batch))
                     interval_images += len(batch["label"]) * self.runtime.world_size
                     interval_steps += 1
                     self._advance()
-                    bar.update(1)
                     step = self.progress.step
+                    self.method.after_step(step, total, self.training_set)
+                    bar.update(1)
                     now = time.perf_counter()
                     self.progress.wall_time += now - started
                     started = now
                     record = {}
-                    logged = step % self.settings["log_every"] == 0 or step == total
+                    last = step == total or self.method.stopped
+                    logged = step % self.settings["log_every"] == 0 or last
                     if logged:
                         record.update(self._train_record(interval_images / (now - interval_start)))
                         bar.set_postfix(loss=f"{record['loss']:.4f}")
                         self._log_progress(record, (now - interval_start) / interval_steps * (total - step))
-                    if self.has_validation and (step % self.settings["validate_every"] == 0 or step == total):
+                    if self.has_validation and (step % self.settings["validate_every"] == 0 or last):
                         record.update(self.validate())
                         self._watch(step, record)
                     if record:
                         self._log({"step": step, "epoch": epoch, **record})
-                    if step % self.settings["checkpoint_every"] == 0 or step == stop_at:
+                    if step % self.settings["checkpoint_every"] == 0 or step == stop_at or last:
                         self.save_checkpoint()
                     if logged:  # validation and checkpoints do not count against images/s
                         interval_start, interval_images, interval_steps = time.perf_counter(), 0, 0
-                    if step >= stop_at:
+                    if step >= stop_at or self.method.stopped:
                         break
 
     def _watch(self, step: int, record: dict) -> None:
@@ -622,6 +667,8 @@ class Trainer:
             for name, suffix in (("backbone", "pt"), ("method", "pt"), ("model_card", "json"))
         }
         paths["best_backbone"] = backbone_file(self.out_dir, "best")
+        # Every rank takes part (the method may encode the training set); rank 0 writes.
+        paths.update(self.method.write_outputs(self.training_set, self.out_dir if self.runtime.is_main else None))
         if not self.runtime.is_main:
             return {k: str(v) for k, v in paths.items()}
         save_backbone(self.method.evaluation_backbone(), paths["backbone"])
@@ -638,6 +685,7 @@ class Trainer:
 
     def model_card(self) -> dict:
         s = self.settings
+        details = self.method.describe(self.progress.step)
         return {
             "backbone": s["backbone"],
             "method": s["method"],
@@ -663,6 +711,7 @@ class Trainer:
             "precision": str(self.runtime.amp_dtype or torch.float32).removeprefix("torch."),
             "world_size": self.runtime.world_size,
             "torch_version": torch.__version__,
+            **({"method_details": details} if details else {}),
         }
 
     def final_metrics(self) -> dict:
@@ -671,6 +720,43 @@ class Trainer:
         records = read_metrics(path) if path.exists() else []
         last = next((r for r in reversed(records) if r["step"] == self.progress.step), {})
         return {k: v for k, v in last.items() if k not in ("step", "epoch", "images_per_s")}
+
+
+class WholeTrainingSet:
+    """The train split as a method's hooks see it (``pretext.TrainingSet``): every crop once,
+    cut as in epoch 0 (the crop offsets of ``learning.data`` for the run's seed and epoch 0),
+    through ``function`` in eval mode without gradients, under the run's autocast. Rows are
+    sorted by crop id, so they depend neither on the stream's order nor on the workers; under
+    DDP each rank encodes its own shards and the parts are gathered, so every rank gets all
+    rows. No random state is drawn (the loader has its own seeded generator)."""
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.trainer = trainer
+        self.seed = trainer.settings["seed"]
+
+    def encode(self, function) -> tuple[list[str], torch.Tensor]:
+        trainer = self.trainer
+        crop_ids: list[str] = []
+        rows: list[torch.Tensor] = []
+        mode = trainer.method.training
+        trainer.method.eval()
+        try:
+            with torch.no_grad():
+                for batch in trainer.loader("train", 0, every_sample=True):
+                    images, _ = trainer._inputs(batch)
+                    with trainer.runtime.autocast():
+                        rows.append(function(images).float().cpu())
+                    crop_ids += batch["crop_id"]
+        finally:
+            trainer.method.train(mode)
+        parts = [(crop_ids, torch.cat(rows) if rows else None)]
+        if trainer.runtime.world_size > 1:
+            parts = [None] * trainer.runtime.world_size
+            dist.all_gather_object(parts, (crop_ids, torch.cat(rows) if rows else None))
+        crop_ids = [crop_id for ids, _ in parts for crop_id in ids]
+        values = torch.cat([part for _, part in parts if part is not None])
+        order = sorted(range(len(crop_ids)), key=crop_ids.__getitem__)
+        return [crop_ids[i] for i in order], values[order]
 
 
 def _batch_size_without_singletons(n: int, batch_size: int) -> int:
@@ -758,9 +844,9 @@ def train(
                 truncate_metrics(out_dir / "metrics.jsonl", state["step"])
         elif runtime.is_main:
             prune_best(out_dir, None)  # a fresh start: best files of an unreadable run go too
-        if trainer.progress.step < settings["steps"]:
+        if not trainer.done:
             trainer.run(max_steps_this_run)
-        finished = trainer.progress.step >= settings["steps"]
+        finished = trainer.done
         result = {
             "finished": finished,
             "step": trainer.progress.step,

@@ -43,8 +43,13 @@ EVALUATION_TEXT = (
     "are scored without further training: k-nearest-neighbour classification of the phenotype "
     "or localization (accuracy, ± the 95 % interval 1.96·√(acc·(1−acc)/n)), same-label "
     "retrieval (mean average precision) or a linear probe (macro F1). Where the benchmark "
-    "has a published figure (CytoImageNet preprint, Table 2) it is shown beside ours."
+    "has a published figure (CytoImageNet preprint, Table 2) it is shown beside ours. The "
+    "clustering protocol asks whether the profiles fall into the classes without any labels: "
+    "k-means with as many clusters as classes (and a DEC model's own clusters), scored by NMI, "
+    "ARI and unsupervised accuracy; its floor (dotted line on the bars) is the score of random "
+    "clusters of the same sizes, so only the height above the floor is learned structure."
 )
+CONTINGENCY_ANNOTATE = 12  # up to this many labels and clusters the count is written in each cell
 
 
 def summary_table(summary: pd.DataFrame) -> pd.DataFrame:
@@ -60,19 +65,21 @@ def summary_table(summary: pd.DataFrame) -> pd.DataFrame:
             "correct": [f"{int(c):,}" if math.isfinite(c) else "—" for c in summary["correct"]],
         }
     )
+    if summary["floor"].notna().any():
+        table.insert(table.columns.get_loc("ours") + 1, "floor", [percent(v) for v in summary["floor"]])
     for column in PUBLISHED_COLUMNS:
         if summary[column].notna().any():
             table[PUBLISHED_NAMES[column]] = [percent(v) for v in summary[column]]
     return table
 
 
-def _benchmark_bars(rows: pd.DataFrame) -> list[tuple[str, list[tuple[str, float, float]]]]:
-    """Per protocol (and subset), its tick label and bars (series, value, ci95): every model
-    with a result, then the published figures present."""
+def _benchmark_bars(rows: pd.DataFrame) -> list[tuple[str, list[tuple[str, float, float, float]]]]:
+    """Per protocol (and subset), its tick label and bars (series, value, ci95, floor): every
+    model with a result, then the published figures present."""
     groups = []
     for (protocol, subset, metric), part in rows.groupby(["protocol", "subset", "metric"], sort=False):
-        bars = list(zip(part["model"], part["value"], part["ci95"]))
-        bars += [(c, part[c].dropna().iloc[0], math.nan) for c in PUBLISHED_COLUMNS if part[c].notna().any()]
+        bars = list(zip(part["model"], part["value"], part["ci95"], part["floor"]))
+        bars += [(c, part[c].dropna().iloc[0], math.nan, math.nan) for c in PUBLISHED_COLUMNS if part[c].notna().any()]
         groups.append((f"{protocol}{' ' + subset if subset else ''}\n({metric.replace('_', ' ')})", bars))
     return groups
 
@@ -93,10 +100,14 @@ def _benchmark_figure(benchmark: str, rows: pd.DataFrame) -> Figure:
     ax = figure.add_subplot()
     labelled: set[str] = set()
     for number, (_, bars) in enumerate(groups):
-        for slot, (key, value, ci95) in enumerate(bars):
+        for slot, (key, value, ci95, floor) in enumerate(bars):
             x = number + width * (slot + 0.5 - len(bars) / 2)
             ax.bar(x, 100 * value, width, label=None if key in labelled else names[key], **styles[key])
             labelled.add(key)
+            if math.isfinite(floor):
+                label = None if "floor" in labelled else "random-cluster floor"
+                ax.hlines(100 * floor, x - width / 2, x + width / 2, colors="black", linestyles=":", label=label)
+                labelled.add("floor")
             top = 100 * value
             if math.isfinite(ci95):
                 # The normal-approximation interval can pass 0 or 1; a score cannot.
@@ -115,7 +126,8 @@ def _benchmark_figure(benchmark: str, rows: pd.DataFrame) -> Figure:
                 ax.text(x, top + 1, f"{100 * value:.0f}", ha="center", va="bottom", fontsize=7)
     ax.set_xticks(np.arange(len(groups)), [tick for tick, _ in groups], fontsize=8)
     ax.set_xlim(-0.6, len(groups) - 0.4)
-    ax.set_ylim(0, 112)
+    lowest = min((value for _, bars in groups for _, value, _, _ in bars if math.isfinite(value)), default=0.0)
+    ax.set_ylim(min(0.0, 100 * lowest - 5), 112)  # an ARI can fall below 0
     ax.set_ylabel("score (%)")
     ax.set_title(f"Benchmark {benchmark}: models per protocol", fontsize=10)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
@@ -265,6 +277,59 @@ def _confusion_figure(record: dict, protocol: str) -> Figure:
     return figure
 
 
+def _contingency_figure(record: dict, subset: str) -> Figure:
+    """Labels (rows) x clusters (columns) of one clustering assignment, as shares of each label's
+    items; a cluster matched to a label (Hungarian matching) is named after it."""
+    result = record["results"]["clustering"][subset]
+    table = result["contingency"]
+    labels, clusters = [str(label) for label in table["labels"]], [str(c) for c in table["clusters"]]
+    counts = np.asarray(table["matrix"], dtype=float)
+    if counts.shape != (len(labels), len(clusters)):
+        raise ReportInputError(
+            f"{record['path']}: clustering {subset} contingency of shape {counts.shape} "
+            f"for {len(labels)} labels and {len(clusters)} clusters"
+        )
+    totals = counts.sum(axis=1, keepdims=True)
+    shares = np.divide(counts, totals, out=np.zeros_like(counts), where=totals > 0)
+    matching = result.get("matching", {})
+    names = [f"{c} → {matching[c]}" if c in matching else f"{c} (unmatched)" for c in clusters]
+    width = min(max(4.2, 2.8 + 0.3 * len(clusters)), 10.5)
+    height = min(max(3.6, 2.2 + 0.22 * len(labels)), 10.5)
+    figure = new_figure(width + 1.0, height)
+    ax = figure.add_subplot()
+    image = ax.imshow(shares, cmap="Purples", vmin=0, vmax=1, aspect="auto")
+    fontsize = 8 if max(len(labels), len(clusters)) <= CONTINGENCY_ANNOTATE else 6
+    ax.set_xticks(np.arange(len(clusters)), names, rotation=60, ha="right", rotation_mode="anchor", fontsize=fontsize)
+    ax.set_yticks(np.arange(len(labels)), labels, fontsize=fontsize)
+    if max(len(labels), len(clusters)) <= CONTINGENCY_ANNOTATE:
+        for (i, j), count in np.ndenumerate(counts):
+            if count:
+                colour = "white" if shares[i, j] > 0.6 else "black"
+                ax.text(j, i, f"{int(count)}", ha="center", va="center", fontsize=7, color=colour)
+    ax.set_xlabel("cluster → matched label")
+    ax.set_ylabel("true label")
+    scores = ", ".join(
+        f"{name} {result['metrics'][metric]['value']:.2f} (floor {result['metrics'][metric]['floor']:.2f})"
+        for metric, name in (("nmi", "NMI"), ("ari", "ARI"), ("unsupervised_accuracy", "acc."))
+    )
+    what = "k-means" if subset == "kmeans" else "own clusters"
+    ax.set_title(f"{record['benchmark']} / {record['model']}: {what}\n{scores}", fontsize=9)
+    colorbar = figure.colorbar(image, ax=ax, shrink=0.8)
+    colorbar.set_label("share of the true label's items", fontsize=8)
+    return figure
+
+
+def _contingency_figures(record: dict) -> list[str]:
+    result = record["results"].get("clustering")
+    if not isinstance(result, dict):
+        return []
+    return [
+        figure_img(_contingency_figure(record, subset), f"clusters of {record['benchmark']} / {record['model']}")
+        for subset in ("kmeans", "own")
+        if isinstance(result.get(subset), dict)
+    ]
+
+
 def evaluation_section(summary: pd.DataFrame, evaluations: list[dict]) -> str:
     body = [explain(EVALUATION_TEXT)]
     if summary.empty:
@@ -285,7 +350,11 @@ def evaluation_section(summary: pd.DataFrame, evaluations: list[dict]) -> str:
             "predicted as each label (column), as a share of the row; a strong diagonal is good. For "
             "mean average precision (map, replicate_map): each label's (or perturbation's) mAP against "
             "its permutation p-value, and the table of groups; a group is retrieved when its "
-            "Benjamini-Hochberg corrected p-value is below the threshold (0.05 by default)."
+            "Benjamini-Hochberg corrected p-value is below the threshold (0.05 by default). With "
+            "the clustering protocol, the clusters found without labels (columns, each named after the "
+            "label it is matched to) against the true labels (rows): one dark cell per row means the "
+            "label forms a cluster of its own; a row spread over many columns, a label the features do "
+            "not set apart."
         )
     )
     if not evaluations:
@@ -322,6 +391,7 @@ def evaluation_section(summary: pd.DataFrame, evaluations: list[dict]) -> str:
             figure_img(_retrieval_figure(record, protocol), f"{protocol} of {record['benchmark']} / {record['model']}")
             for protocol in retrieval
         ]
+        figures += _contingency_figures(record)
         if figures:
             body.append('<div class="row">' + "".join(figures) + "</div>")
         body += wide

@@ -131,7 +131,7 @@ def read_index(path: Path) -> pd.DataFrame:
 def read_summary(path: Path) -> pd.DataFrame:
     summary = _read_tsv(path, SUMMARY_COLUMNS, "evaluation summary")
     _numeric(summary, ["value"], path)
-    _numeric(summary, ["ci95", "n", "correct", *PUBLISHED_COLUMNS], path, blank_ok=True)
+    _numeric(summary, ["ci95", "floor", "n", "correct", *PUBLISHED_COLUMNS], path, blank_ok=True)
     return summary
 
 

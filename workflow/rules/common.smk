@@ -15,6 +15,7 @@ from cytopretrain.curation.listing import refresh_listing
 from cytopretrain.curation.resources import load_resource, resource_from_config
 from cytopretrain.learning.checkpoints import backbone_file
 from cytopretrain.curation.sources import folder_problem
+from cytopretrain.learning.pretext import METHODS
 from cytopretrain.synthetic.layouts import LAYOUTS
 
 validate_config(config, REPO_ROOT / "workflow" / "schemas" / "config.schema.yaml")
@@ -150,6 +151,10 @@ def get_final_outputs():
 # ----------------------------------------------------------------- learning half
 
 RUNS = config["training"]["runs"]
+# Runs whose method assigns clusters (DEC): their training also writes clusters and centres.
+CLUSTERING_RUNS = [
+    run for run, spec in RUNS.items() if METHODS[spec["method"]].assigns_clusters
+]
 BENCHMARKS = config["benchmarks"]
 FEATURES = config["features"]
 EXTERNAL_MODELS = FEATURES["external"]
@@ -210,6 +215,19 @@ def get_model_weights(wildcards):
 def get_benchmark_table(wildcards):
     source = BENCHMARKS[wildcards.benchmark]["source"]
     return f"results/metadata/sources/{source}.parquet"
+
+
+def get_evaluate_inputs(wildcards):
+    """The profiles, and a clustering run's own clusters when the benchmark scores clustering."""
+    inputs = {
+        "profiles": f"results/features/{wildcards.benchmark}/{wildcards.model}.parquet"
+    }
+    protocols = BENCHMARKS[wildcards.benchmark]["protocols"]
+    if wildcards.model in CLUSTERING_RUNS and "clustering" in protocols:
+        inputs["clusters"] = (
+            f"results/features/{wildcards.benchmark}/{wildcards.model}.clusters.parquet"
+        )
+    return inputs
 
 
 def get_fusion_inputs(wildcards):

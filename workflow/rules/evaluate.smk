@@ -1,6 +1,6 @@
 rule evaluate:
     input:
-        profiles="results/features/{benchmark}/{model}.parquet",
+        unpack(get_evaluate_inputs),
     output:
         result="results/eval/{benchmark}/{model}.json",
         embedding="results/eval/{benchmark}/{model}.embedding.tsv",

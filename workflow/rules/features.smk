@@ -42,3 +42,31 @@ rule fuse_features:
         "../../envs/training.yaml"
     script:
         "../../scripts/fuse_features.py"
+
+
+rule assign_clusters:
+    input:
+        table=get_benchmark_table,
+        method="results/train/{model}/method.pt",
+        card="results/train/{model}/model_card.json",
+    output:
+        clusters="results/features/{benchmark}/{model}.clusters.parquet",
+    log:
+        "logs/assign_clusters/{benchmark}/{model}.log",
+    benchmark:
+        "benchmarks/assign_clusters/{benchmark}/{model}.tsv"
+    wildcard_constraints:
+        model=name_pattern(CLUSTERING_RUNS),
+    conda:
+        "../../envs/training.yaml"
+    threads: 2
+    resources:
+        mem_mb=4000,
+    params:
+        features=FEATURES,
+        device=config["training"]["device"],
+        z_projection=lambda wildcards: get_z_projections().get(
+            BENCHMARKS[wildcards.benchmark]["source"]
+        ),
+    script:
+        "../../scripts/assign_clusters.py"

@@ -17,7 +17,7 @@ rule train_pretext:
     benchmark:
         "benchmarks/train_pretext/{run}.tsv"
     wildcard_constraints:
-        run=name_pattern(RUNS),
+        run=name_pattern([run for run in RUNS if run not in CLUSTERING_RUNS]),
     conda:
         "../../envs/training.yaml"
     threads: lambda wildcards: RUNS[wildcards.run]["threads"]
@@ -34,3 +34,21 @@ rule train_pretext:
         ),
     script:
         "../../scripts/train_pretext.py"
+
+
+# A run whose method assigns clusters (DEC) also writes each training crop's cluster and the centres.
+use rule train_pretext as train_clustering with:
+    output:
+        backbone="results/train/{run}/backbone.pt",
+        best_backbone="results/train/{run}/best_backbone.pt",
+        method="results/train/{run}/method.pt",
+        card=report(
+            "results/train/{run}/model_card.json",
+            caption="../report/model_card.rst",
+            category="Training",
+        ),
+        metrics="results/train/{run}/metrics.jsonl",
+        clusters="results/train/{run}/clusters.parquet",
+        centres="results/train/{run}/centres.tsv",
+    wildcard_constraints:
+        run=name_pattern(CLUSTERING_RUNS),

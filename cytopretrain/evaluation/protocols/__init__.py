@@ -12,6 +12,10 @@ per_class (true label -> n, correct, accuracy), confusion (labels, matrix: rows 
 columns = predicted label; a prediction None, where no neighbour was eligible, is the column
 "<none>"), plus protocol-specific details. Labels are compared and reported as strings.
 
+The clustering protocol (protocols.clustering) instead reports, per assignment (its k-means,
+and a model's own clusters), NMI, ARI and unsupervised accuracy, each beside its value for
+random clusters of the same sizes (the floor), and the contingency table of labels x clusters.
+
 Shared rules. z-scoring is scikit-learn's StandardScaler (core.numerics.zscore: mean and
 population standard deviation of the rows named in each protocol; a constant feature is only
 centred). Nearest neighbours come from
@@ -20,6 +24,7 @@ table, or of the sorted treatments). k-NN votes: the label with most of the k ne
 tie between labels goes to the tied label whose nearest neighbour comes first.
 """
 
+from cytopretrain.evaluation.protocols.clustering import CLUSTER_COLUMN, clustering
 from cytopretrain.evaluation.protocols.embedding import embedding_2d, nn_agreement
 from cytopretrain.evaluation.protocols.mean_ap import mean_average_precision, replicate_map
 from cytopretrain.evaluation.protocols.moa import nsc, nscb
@@ -28,6 +33,8 @@ from cytopretrain.evaluation.protocols.neighbours import knn_holdout, knn_loo
 from cytopretrain.evaluation.protocols.retrieval import pair_threshold
 
 __all__ = [
+    "CLUSTER_COLUMN",
+    "clustering",
     "embedding_2d",
     "knn_holdout",
     "knn_loo",
