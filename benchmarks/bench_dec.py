@@ -40,7 +40,8 @@ sys.path.insert(0, str(TESTS))
 from cell_images import to_uint8  # noqa: E402
 from shard_builders import write_shard_set  # noqa: E402
 
-from cytopretrain.core.numerics import kmeans, zscore  # noqa: E402
+from cytopretrain.core.kmeans import kmeans  # noqa: E402
+from cytopretrain.core.numerics import zscore  # noqa: E402
 from cytopretrain.evaluation.features import random_init_backbone  # noqa: E402
 from cytopretrain.evaluation.protocols.clustering import score_assignment  # noqa: E402
 from cytopretrain.learning import data, train  # noqa: E402

@@ -546,7 +546,7 @@ def test_native_adapter_rejects_missing_metadata_and_options(tmp_path):
     with pytest.raises(SourceError, match="metadata.csv"):
         adapt(tmp_path, "demo", {})
     _write_metadata(tmp_path, [list(NATIVE_COLUMNS), GOOD])
-    with pytest.raises(SourceError, match="takes no options"):
+    with pytest.raises(SourceError, match="unknown option; this adapter accepts: z_projection"):
         adapt(tmp_path, "demo", {"extensions": [".tif"]})
     assert len(adapt(tmp_path, "demo", {}).table) == 1  # missing image files are not checked here
 

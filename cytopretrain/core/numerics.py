@@ -114,22 +114,3 @@ def zscore(values: np.ndarray, fit_rows: np.ndarray | None = None, chunk: int = 
     for i in range(0, len(values), chunk):
         out[i : i + chunk] = (values[i : i + chunk] - mean) / scale
     return out
-
-
-def kmeans(values: np.ndarray, n_clusters: int, *, restarts: int = 20, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """k-means of the rows: (labels (n,) int64, centres (n_clusters, d) float64).
-
-    scikit-learn's KMeans (Lloyd, k-means++ seeding, ``restarts`` seeded starts, the one of least
-    inertia kept), on one thread: its multi-threaded reduction adds partial sums in the order
-    the threads finish, so only one thread gives the same centres bit for bit on every run
-    (DEC's exact resume, reproducible evaluations).
-    """
-    from sklearn.cluster import KMeans
-    from threadpoolctl import threadpool_limits
-
-    values = np.asarray(values, dtype=np.float64)
-    if values.ndim != 2 or len(values) < n_clusters:
-        raise ValueError(f"k-means needs a 2-D array of at least {n_clusters} rows, got shape {values.shape}")
-    with threadpool_limits(limits=1):
-        model = KMeans(n_clusters=n_clusters, n_init=restarts, random_state=seed).fit(values)
-    return model.labels_.astype(np.int64), model.cluster_centers_

@@ -68,7 +68,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cytopretrain.core.numerics import kmeans
+from cytopretrain.core.kmeans import kmeans
 from cytopretrain.core.tables import write_table
 from cytopretrain.learning import augment
 from cytopretrain.learning.models import Backbone
@@ -1037,7 +1037,7 @@ class DEC(Autoencoder):
 
     Initialisation, after step ``pretrain_steps``: every training crop is encoded (eval mode,
     the crop of epoch 0; ``TrainingSet.encode``) and k-means (``n_clusters``, ``kmeans_restarts``
-    k-means++ starts seeded by the run's seed, least inertia kept; core.numerics.kmeans) on the
+    k-means++ starts seeded by the run's seed, least inertia kept; core.kmeans.kmeans) on the
     codes gives the centres mu, a trainable (n_clusters, latent_dim) parameter.
 
     Stage 2, self-training: soft assignments q of the codes to the centres (Student's t with

@@ -28,8 +28,8 @@ import numpy as np
 import pandas as pd
 
 from cytopretrain.core.errors import SourceError
-from cytopretrain.core.imageio import ZProjection
 from cytopretrain.core.schema import CANONICAL_FIELDS, LABEL_COLUMNS, MICROSCOPY_VALUES
+from cytopretrain.core.zprojection import ZProjection
 from cytopretrain.curation.sources.base import AdapterResult
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,8 @@ from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 from sklearn.metrics.cluster import contingency_matrix
 
 from cytopretrain.core.errors import EvaluationError
-from cytopretrain.core.numerics import kmeans, zscore
+from cytopretrain.core.kmeans import kmeans
+from cytopretrain.core.numerics import zscore
 from cytopretrain.evaluation.protocols.common import ci95, feature_matrix, label_values, require_columns
 
 # A model's own cluster of each profile row (integer; missing where the model assigned none),
@@ -109,7 +110,7 @@ def clustering(
     k-means with k = the number of distinct labels on the features z-scored over all rows
     (StandardScaler), optionally reduced to ``n_components`` principal components first
     (scikit-learn PCA, random_state=seed); ``restarts`` k-means++ starts seeded by ``seed``, the
-    one of least inertia kept (core.numerics.kmeans, single-threaded and so reproducible). Every
+    one of least inertia kept (core.kmeans.kmeans, single-threaded and so reproducible). Every
     row takes part, controls included, and each label is one class: multi-valued labels
     ("a|b") are refused, a row with two classes belongs to no one cluster. The clusters are
     scored by score_assignment (NMI, ARI, unsupervised accuracy, each with its random-label
