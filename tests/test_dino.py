@@ -57,12 +57,7 @@ train.train(json.loads(open(sys.argv[1]).read()), sys.argv[2], sys.argv[3])
 """
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def generator(seed: int) -> torch.Generator:

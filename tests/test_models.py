@@ -26,12 +26,7 @@ FEATURE_DIM = {"efficientnet_b0": 1280, "resnet18": 512, "resnet50": 2048, "dens
 HEAD = {"efficientnet_b0": "classifier", "resnet18": "fc", "resnet50": "fc", "densenet121": "classifier"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def torchvision_network(name: str, seed: int = 0) -> nn.Module:

@@ -22,12 +22,7 @@ from cytopretrain.learning.pretext import BYOL, POSITIONS, PatchLocation, build_
 CELLS = DATA / "bbbc021_cells"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def generator(seed: int) -> torch.Generator:

@@ -33,12 +33,7 @@ FEATURE_DIM = {
 PATCH = {name: int(name[-2:].lstrip("h")) for name in FEATURE_DIM if name.startswith("vit_")}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def timm_model(name: str, in_chans: int = 3, seed: int = 0) -> torch.nn.Module:
